@@ -1,0 +1,100 @@
+"""Whole-image prediction: RGB uint8 in, labels (and optionally class probabilities) out.
+
+The model's own :class:`~wsi_espnet.models.config.Preprocessing` is applied, so callers never
+normalise by hand. Inputs whose sides are not multiples of 8 are reflect-padded and the result is
+cropped back; encoder variants (1/8 resolution) have their logits, not their labels, upsampled
+bilinearly to the input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from wsi_espnet.errors import InputError
+from wsi_espnet.models.config import ModelConfig, Preprocessing
+
+__all__ = ["Prediction", "predict", "predict_logits", "preprocess"]
+
+#: Input sides must be multiples of this (three stride-2 stages).
+SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Result of :func:`predict`.
+
+    labels : (H, W) uint8 class ids (uint16 for models with more than 256 classes).
+    probabilities : (num_classes, H, W) float32 softmax probabilities, or None if not asked for.
+    """
+
+    labels: NDArray[np.integer]
+    probabilities: NDArray[np.float32] | None = None
+
+
+def preprocess(image: NDArray[np.uint8], preprocessing: Preprocessing) -> Tensor:
+    """``(H, W, C)`` uint8 RGB image -> ``(1, C, H, W)`` float32 tensor ready for the model."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"expected an (H, W, {len(preprocessing.mean)}) uint8 RGB array, got a {got}.")
+    if image.shape[2] != len(preprocessing.mean):
+        raise InputError(
+            f"image has {image.shape[2]} channels but the model expects {len(preprocessing.mean)}; "
+            "convert it to RGB (drop alpha) first."
+        )
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32)
+    if preprocessing.channel_order == "BGR":
+        x = x.flip(-1)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32)
+    x = (x - mean) / std / preprocessing.scale_divisor
+    return x.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def predict_logits(model: nn.Module, batch: Tensor) -> Tensor:
+    """``(B, C, H, W)`` normalised input -> ``(B, num_classes, H, W)`` logits at full resolution.
+
+    Any H and W: the batch is reflect-padded to multiples of 8 (replicate-padded when too small to
+    reflect) and the logits are cropped back. Runs on the batch's device, in inference mode.
+    """
+    height, width = batch.shape[-2:]
+    pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        batch = F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
+    with torch.inference_mode():
+        logits: Tensor = model(batch)
+        if logits.shape[-2:] != batch.shape[-2:]:
+            logits = F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
+
+
+def predict(
+    model: nn.Module,
+    image: NDArray[np.uint8],
+    *,
+    config: ModelConfig | None = None,
+    return_probabilities: bool = False,
+    device: torch.device | str | None = None,
+) -> Prediction:
+    """Segment one ``(H, W, 3)`` uint8 RGB image with ``model``.
+
+    ``config`` defaults to ``model.config`` (set by every builder and loader). ``device`` defaults
+    to the model's own device. The model should be in eval mode.
+    """
+    config = config or getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise InputError("the model carries no ModelConfig; pass config= (from load_model or create_model).")
+    if device is None:
+        device = next(model.parameters()).device
+    batch = preprocess(image, config.preprocessing).to(device)
+    logits = predict_logits(model, batch)[0]
+    dtype = np.uint8 if config.num_classes <= 256 else np.uint16
+    labels: NDArray[np.integer] = logits.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)
+    probabilities = logits.softmax(0).float().cpu().numpy() if return_probabilities else None
+    return Prediction(labels=labels, probabilities=probabilities)

@@ -1,0 +1,119 @@
+"""Our checkpoint format: one ``.safetensors`` file whose header carries the model config as JSON.
+
+safetensors holds only tensors, so loading never unpickles arbitrary objects, and the config
+travels inside the same file as the weights. :func:`load_model` also accepts the original authors'
+``.pth`` files and converts them on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from wsi_espnet.errors import CheckpointError, ConfigError
+from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
+from wsi_espnet.models.original_checkpoints import load_original_checkpoint
+
+__all__ = ["CONFIG_METADATA_KEY", "file_sha256", "load_model", "save_model"]
+
+CONFIG_METADATA_KEY = "wsi_espnet_config"
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch zip archives and legacy pickles
+
+
+def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s weights and ``config`` to ``path`` (a ``.safetensors`` file), atomically.
+
+    The file appears only once complete, so an interrupted save never leaves a loadable half file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"output {str(path)!r} must end in .safetensors, e.g. {path.stem}.safetensors.")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"output folder {str(path.parent)!r} does not exist; create it first.")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        save_file(tensors, str(tmp_path), metadata={CONFIG_METADATA_KEY: config.to_json(), "format": "wsi-espnet"})
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {str(path)!r}: {exc.strerror or exc}.") from exc
+    return path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (the weights hash recorded in provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[EspNet | EspNetEncoder, ModelConfig]:
+    """Load a wsi-espnet ``.safetensors`` checkpoint, or an original ESPNet ``.pth`` file.
+
+    Parameters
+    ----------
+    path : the checkpoint file.
+    num_classes : if given, must equal the checkpoint's class count.
+    device : where to put the model.
+
+    Returns
+    -------
+    The model in eval mode and its :class:`ModelConfig`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file; check the path.")
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        model, config = load_original_checkpoint(path, num_classes=num_classes)
+        return model.to(device), config
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            state = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as a .safetensors checkpoint ({exc}); the file is truncated, "
+            "corrupted or of another kind. Original ESPNet .pth files are accepted too."
+        ) from exc
+    if CONFIG_METADATA_KEY not in metadata:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file without a wsi-espnet model config; it was not written by "
+            "wsi-espnet. Convert original ESPNet weights with 'wsi-espnet convert-weights'."
+        )
+    try:
+        config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    except ConfigError as exc:
+        raise CheckpointError(f"{str(path)!r} carries an invalid model config: {exc}") from exc
+    if num_classes is not None and num_classes != config.num_classes:
+        raise CheckpointError(
+            f"{str(path)!r} predicts {config.num_classes} classes ({', '.join(config.class_names)}) but "
+            f"num_classes={num_classes} was asked for; fine-tune the model to the new class set instead."
+        )
+    model = build_espnet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{str(path)!r}: weights do not fit the {config.variant} its config describes: "
+            f"{str(exc).splitlines()[-1].strip()}"
+        ) from exc
+    return model.to(device).eval(), config
