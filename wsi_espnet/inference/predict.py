@@ -47,7 +47,7 @@ def preprocess(image: NDArray[np.uint8], preprocessing: Preprocessing) -> Tensor
             f"image has {image.shape[2]} channels but the model expects {len(preprocessing.mean)}; "
             "convert it to RGB (drop alpha) first."
         )
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32)
+    x = torch.from_numpy(image.astype(np.float32))  # a writable copy; the caller's array is never touched
     if preprocessing.channel_order == "BGR":
         x = x.flip(-1)
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32)

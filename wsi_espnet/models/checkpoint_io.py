@@ -25,7 +25,6 @@ from wsi_espnet.models.original_checkpoints import load_original_checkpoint
 __all__ = ["CONFIG_METADATA_KEY", "file_sha256", "load_model", "save_model"]
 
 CONFIG_METADATA_KEY = "wsi_espnet_config"
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch zip archives and legacy pickles
 
 
 def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
@@ -39,14 +38,20 @@ def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[st
     if not path.parent.is_dir():
         raise CheckpointError(f"output folder {str(path.parent)!r} does not exist; create it first.")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
+    tmp_path: Path | None = None
     try:
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False
+        ) as tmp:
+            tmp_path = Path(tmp.name)
         save_file(tensors, str(tmp_path), metadata={CONFIG_METADATA_KEY: config.to_json(), "format": "wsi-espnet"})
         os.replace(tmp_path, path)
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {str(path)!r}: {exc.strerror or exc}.") from exc
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
+        ) from exc
     return path
 
 
@@ -57,6 +62,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little endian), then ``{``."""
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def load_model(
@@ -80,9 +92,7 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file; check the path.")
-    with open(path, "rb") as stream:
-        head = stream.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+    if not _looks_like_safetensors(path):
         model, config = load_original_checkpoint(path, num_classes=num_classes)
         return model.to(device), config
     try:

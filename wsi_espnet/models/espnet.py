@@ -19,6 +19,7 @@ The variants (paper Fig. 4), all parametrised by classes, input channels, K, alp
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -146,7 +147,13 @@ class EspNet(nn.Module):
         self.level2_project = nn.Conv2d(self.encoder.level2_width, classes, 1, bias=False)
         self.merge_level2 = nn.Sequential(
             BnAct(2 * classes, activation=activation),
-            EspBlock(2 * classes, classes, options=config.esp, residual=False),
+            # With fewer classes than branches (e.g. a binary tumour model) each branch still needs a channel.
+            EspBlock(
+                2 * classes,
+                classes,
+                options=replace(config.esp, branches=min(config.esp.branches, classes)),
+                residual=False,
+            ),
         )
         self.up_level2 = nn.Sequential(
             nn.ConvTranspose2d(classes, classes, 2, stride=2, bias=False),
