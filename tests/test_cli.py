@@ -91,3 +91,15 @@ def test_python_dash_m_and_script_agree_on_help():
     assert "convert-weights" in result.stdout
     assert "Exit codes" in result.stdout
     assert np.all([cmd in result.stdout for cmd in ("models", "export")])
+
+
+def test_a_closed_pipe_is_not_an_error():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsi_espnet", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    process.stdout.close()
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 0
+    assert "Traceback" not in stderr
