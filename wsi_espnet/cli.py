@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from wsi_espnet.models import count_multiply_adds, count_parameters, create_model, list_models
+    from wsi_espnet.models import build_espnet, count_multiply_adds, count_parameters, get_model_config, list_models
 
     print(f"Multiply-adds of the convolutions for one {args.width}x{args.height} (width x height) image.")
     header = f"{'name':<22} {'classes':>7} {'parameters':>11} {'GMACs':>7}  description"
@@ -27,11 +27,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for entry in list_models():
         config = (
-            entry.config
-            if args.num_classes is None
-            else entry.config.replace(num_classes=args.num_classes, class_names=(), class_colors=())
+            entry.config if args.num_classes is None else get_model_config(entry.name, num_classes=args.num_classes)
         )
-        params = count_parameters(create_model(entry.name, num_classes=config.num_classes))
+        params = count_parameters(build_espnet(config))
         macs = count_multiply_adds(config, height=args.height, width=args.width)
         print(f"{entry.name:<22} {config.num_classes:>7} {params:>11,} {macs / 1e9:>7.2f}  {entry.description}")
     return 0
