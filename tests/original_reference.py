@@ -44,24 +44,24 @@ def _pool(x: Tensor, times: int) -> Tensor:
     return x
 
 
+def _level(x: Tensor, sd: State, name: str) -> tuple[Tensor, Tensor]:
+    """The strided ESP block ``{name}_0`` and the residual blocks ``{name}.i`` after it."""
+    down = y = _esp(x, sd, f"{name}_0", strided=True, residual=False)
+    i = 0
+    while f"{name}.{i}.c1.conv.weight" in sd:
+        y = _esp(y, sd, f"{name}.{i}", strided=False, residual=True)
+        i += 1
+    return down, y
+
+
 def encoder_features(x: Tensor, sd: State, p: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out0 = _bn_prelu(F.conv2d(x, sd[f"{p}level1.conv.weight"], stride=2, padding=1), sd, f"{p}level1.bn",
                      f"{p}level1.act")  # fmt: skip
     out0_cat = _bn_prelu(torch.cat([out0, _pool(x, 1)], 1), sd, f"{p}b1.bn", f"{p}b1.act")
-    down2 = _esp(out0_cat, sd, f"{p}level2_0", strided=True, residual=False)
-    y = down2
-    i = 0
-    while f"{p}level2.{i}.c1.conv.weight" in sd:
-        y = _esp(y, sd, f"{p}level2.{i}", strided=False, residual=True)
-        i += 1
-    out1_cat = _bn_prelu(torch.cat([y, down2, _pool(x, 2)], 1), sd, f"{p}b2.bn", f"{p}b2.act")
-    down3 = _esp(out1_cat, sd, f"{p}level3_0", strided=True, residual=False)
-    y = down3
-    i = 0
-    while f"{p}level3.{i}.c1.conv.weight" in sd:
-        y = _esp(y, sd, f"{p}level3.{i}", strided=False, residual=True)
-        i += 1
-    out2_cat = _bn_prelu(torch.cat([down3, y], 1), sd, f"{p}b3.bn", f"{p}b3.act")
+    down2, last2 = _level(out0_cat, sd, f"{p}level2")
+    out1_cat = _bn_prelu(torch.cat([last2, down2, _pool(x, 2)], 1), sd, f"{p}b2.bn", f"{p}b2.act")
+    down3, last3 = _level(out1_cat, sd, f"{p}level3")
+    out2_cat = _bn_prelu(torch.cat([down3, last3], 1), sd, f"{p}b3.bn", f"{p}b3.act")
     return out0, out0_cat, out1_cat, out2_cat
 
 
