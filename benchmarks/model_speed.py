@@ -34,7 +34,9 @@ from wsi_espnet.inference.onnx_export import export_onnx
 from wsi_espnet.models import ModelConfig, create_model, load_original_checkpoint
 
 HEIGHT, WIDTH = 512, 1024
-AUTHORS_CPU_SECONDS = 4.0  # the authors' implementation on this 2-core machine (reported in the issue)
+# The authors' implementation on the project's 2-core machine, as reported in the issue: a reference
+# figure only, never divided into this run's measurements.
+AUTHORS_CPU_SECONDS = 4.0
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -118,7 +120,8 @@ def main() -> int:
     data = Path(os.environ.get("WSI_ESPNET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     subjects, batch, source = load_subjects(data)
     batch = batch.to(args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    device_type = torch.device(args.device).type
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}")  # fmt: skip
     print(f"# {source}; one {WIDTH}x{HEIGHT} frame per call, median of {args.repeats}")
@@ -130,7 +133,7 @@ def main() -> int:
             with torch.inference_mode():
                 reference = model(batch).argmax(1)
             baseline = None
-            for path_name, run in paths_for(model, config, args.device, args.skip_compile, Path(tmp)).items():
+            for path_name, run in paths_for(model, config, device_type, args.skip_compile, Path(tmp)).items():
                 seconds = median_seconds(run, batch, args.repeats, sync)
                 baseline = baseline or seconds
                 agreement = (run(batch).to(reference.device).argmax(1) == reference).float().mean().item()
@@ -140,10 +143,9 @@ def main() -> int:
                     f"{name:<9} {path_name:<18} {seconds * 1e3:>10.1f} {baseline / seconds:>8.2f}x {agreement:>15.6f}"
                 )
                 sys.stdout.flush()
-    if args.device == "cpu":
-        eager_espnet = results[0]["median_s"]
-        print(f"# authors' implementation, reported for this machine: {AUTHORS_CPU_SECONDS:.1f} s per frame "
-              f"({AUTHORS_CPU_SECONDS / eager_espnet:.1f}x our eager ESPNet; not measured in this run)")  # fmt: skip
+    if device_type == "cpu":
+        print(f"# for reference, not measured here: the authors' implementation was reported at "
+              f"{AUTHORS_CPU_SECONDS:.1f} s per frame on the project's 2-core CPU")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"source": source, "device": args.device, "results": results}, indent=2))
     return 0

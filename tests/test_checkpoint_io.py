@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from wsi_espnet.errors import CheckpointError
+from wsi_espnet.errors import CheckpointError, InputError
 from wsi_espnet.inference import predict
 from wsi_espnet.models import (
     create_model,
@@ -41,24 +45,47 @@ def test_load_model_also_takes_original_pth_files(original_weights):
     assert config.variant == "espnet-c"
 
 
-def test_saving_never_leaves_partial_files(converted, tmp_path):
+def test_saving_never_leaves_partial_files(converted, tmp_path, monkeypatch):
     model, config, _ = converted
     save_model(model, config, tmp_path / "a.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
-    with pytest.raises(CheckpointError, match=r"must end in \.safetensors"):
+    with pytest.raises(InputError, match=r"must end in \.safetensors"):
         save_model(model, config, tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match="does not exist; create it first"):
+    with pytest.raises(InputError, match="does not exist; create it first"):
         save_model(model, config, tmp_path / "missing" / "a.safetensors")
 
+    def full_disk(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-def test_untrained_model_round_trip_changes_hash_with_weights(tmp_path):
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device; choose a folder"):
+        save_model(model, config, tmp_path / "b.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_before_writing(converted, tmp_path):
+    model, config, _ = converted
+    with pytest.raises(CheckpointError, match="do not fit the espnet that config"):
+        save_model(model, config.replace(alpha3=5), tmp_path / "wrong.safetensors")
+    assert not (tmp_path / "wrong.safetensors").exists()
+
+
+def test_wrapped_models_are_saved_unwrapped(converted, tmp_path):
+    model, config, _ = converted
+    path = save_model(torch.nn.DataParallel(model), config, tmp_path / "dp.safetensors")
+    loaded, _ = load_model(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_untrained_model_round_trip_and_hash(tmp_path):
     config = get_model_config("espnet", num_classes=3)
     torch.manual_seed(1)
-    first = save_model(create_model("espnet", num_classes=3), config, tmp_path / "first.safetensors")
-    torch.manual_seed(2)
-    second = save_model(create_model("espnet", num_classes=3), config, tmp_path / "second.safetensors")
-    assert file_sha256(first) != file_sha256(second)
-    assert load_model(first)[1].num_classes == 3
+    model = create_model("espnet", num_classes=3)
+    first = save_model(model, config, tmp_path / "first.safetensors")
+    assert file_sha256(first) == hashlib.sha256(first.read_bytes()).hexdigest()
+    loaded, loaded_config = load_model(first)
+    assert loaded_config == config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_class_count_mismatch(converted):
@@ -77,14 +104,6 @@ def test_safetensors_from_elsewhere_is_rejected(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="without a wsi-espnet model config"):
         load_model(tmp_path / "other.safetensors")
-
-
-def test_weights_that_do_not_fit_their_config(converted, tmp_path):
-    model, config, _ = converted
-    wrong = config.replace(alpha3=5)
-    save_model(model, wrong, tmp_path / "wrong.safetensors")
-    with pytest.raises(CheckpointError, match="do not fit the espnet its config describes"):
-        load_model(tmp_path / "wrong.safetensors")
 
 
 def test_strip_tiff_is_not_a_checkpoint(shared_data):

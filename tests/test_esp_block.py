@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.config import EspBlockOptions
 from wsi_espnet.models.esp_block import EspBlock, StridedEspBlock, branch_widths
 
@@ -20,7 +21,7 @@ def test_branch_widths_give_the_remainder_to_the_first_branch(out_channels, bran
 
 
 def test_branch_widths_reject_more_branches_than_channels():
-    with pytest.raises(ValueError, match="smaller than branches"):
+    with pytest.raises(ConfigError, match="smaller than branches=5; each branch needs a channel, so use at most 3"):
         branch_widths(3, 5)
 
 

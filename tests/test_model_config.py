@@ -35,7 +35,9 @@ def test_defaults_fill_class_names_and_distinct_colours():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"num_classes": 0}, "num_classes=0 must be >= 1"),
+        ({"num_classes": 1}, r"num_classes=1 must be >= 2"),
+        ({"class_colors": ((0, 0, 0), (1, 2), (0, 0, 0))}, r"class colour \(1, 2\) is not valid"),
+        ({"class_colors": ((0, 0, 0), (300, 0, 0), (0, 0, 0))}, r"class colour \(300, 0, 0\) is not valid"),
         ({"variant": "espnet-d"}, "variant='espnet-d' is not valid; expected one of 'espnet-a'"),
         ({"class_names": ("a", "b")}, "num_classes=3 but 2 class names"),
         ({"target_mpp": -1.0}, "target_mpp=-1.0 must be a positive"),
@@ -46,6 +48,13 @@ def test_defaults_fill_class_names_and_distinct_colours():
 def test_invalid_configs_name_the_bad_value(fields, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**{"name": "x", "num_classes": 3, **fields})
+
+
+def test_lists_become_tuples_so_configs_stay_hashable():
+    config = ModelConfig(name="x", num_classes=2, class_names=["a", "b"], class_colors=[[0, 0, 0], [1, 2, 3]])
+    assert config.class_names == ("a", "b")
+    assert config.class_colors == ((0, 0, 0), (1, 2, 3))
+    assert hash(config) == hash(ModelConfig.from_json(config.to_json()))
 
 
 def test_unknown_keys_and_future_versions_are_rejected():

@@ -143,3 +143,35 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_original_checkpoint(tmp_path / "nope.pth")
+
+
+def test_an_empty_file_is_reported(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_original_checkpoint(tmp_path / "empty.pth")
+
+
+def test_a_safetensors_file_is_not_an_original_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"level1.conv.weight": torch.zeros(16, 3, 3, 3)}, str(tmp_path / "x.safetensors"))
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:-20])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_original_checkpoint(tmp_path / "cut.pth")
+
+
+def test_non_string_keys_are_reported(tmp_path):
+    torch.save({1: torch.zeros(1)}, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match="not a state dict of tensors"):
+        load_original_checkpoint(tmp_path / "ints.pth")
+
+
+def test_an_incomplete_checkpoint_is_reported(original_weights, tmp_path):
+    state = _state(original_weights / "decoder_espnet_p_2_q_3.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("conv.")}, tmp_path / "no-merge.pth")
+    with pytest.raises(CheckpointError, match="without its level-1 merge"):
+        load_original_checkpoint(tmp_path / "no-merge.pth")
+    torch.save({k: v for k, v in state.items() if ".level3." not in k}, tmp_path / "no-level3.pth")
+    with pytest.raises(CheckpointError, match="0 level-3 ESP blocks"):
+        load_original_checkpoint(tmp_path / "no-level3.pth")

@@ -71,3 +71,30 @@ def test_encoder_logits_are_upsampled_not_labels():
 def test_bad_images_are_explained(small_model, image, message):
     with pytest.raises(InputError, match=message):
         predict(small_model, image)
+
+
+def test_a_model_in_training_mode_is_used_in_eval_mode_and_left_untouched():
+    torch.manual_seed(0)
+    model = create_model("espnet", num_classes=3)
+    assert model.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    labels = predict(model, image).labels
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (labels == predict(model.eval(), image).labels).all()
+
+
+def test_predict_runs_in_the_model_dtype():
+    torch.manual_seed(0)
+    model = create_model("espnet-c", num_classes=3).eval()
+    image = np.random.default_rng(3).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    result = predict(model.to(torch.bfloat16), image, return_probabilities=True)
+    assert result.labels.shape == (32, 48)
+    assert result.probabilities is not None
+    assert result.probabilities.dtype == np.float32
+
+
+def test_empty_image_is_explained(small_model):
+    with pytest.raises(InputError, match=r"image of shape \(0, 5, 3\) is empty"):
+        predict(small_model, np.zeros((0, 5, 3), dtype=np.uint8))

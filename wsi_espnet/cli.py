@@ -21,17 +21,19 @@ __all__ = ["main"]
 def _cmd_models(args: argparse.Namespace) -> int:
     from wsi_espnet.models import build_espnet, count_multiply_adds, count_parameters, get_model_config, list_models
 
-    print(f"Multiply-adds of the convolutions for one {args.width}x{args.height} (width x height) image.")
-    header = f"{'name':<22} {'classes':>7} {'parameters':>11} {'GMACs':>7}  description"
-    print(header)
-    print("-" * len(header))
-    for entry in list_models():
+    rows = []
+    for entry in list_models():  # everything is validated before anything is printed
         config = (
             entry.config if args.num_classes is None else get_model_config(entry.name, num_classes=args.num_classes)
         )
         params = count_parameters(build_espnet(config))
         macs = count_multiply_adds(config, height=args.height, width=args.width)
-        print(f"{entry.name:<22} {config.num_classes:>7} {params:>11,} {macs / 1e9:>7.2f}  {entry.description}")
+        rows.append(f"{entry.name:<22} {config.num_classes:>7} {params:>11,} {macs / 1e9:>7.2f}  {entry.description}")
+    print(f"Multiply-adds of the convolutions for one {args.width}x{args.height} (width x height) image.")
+    header = f"{'name':<22} {'classes':>7} {'parameters':>11} {'GMACs':>7}  description"
+    print(header)
+    print("-" * len(header))
+    print("\n".join(rows))
     return 0
 
 
@@ -62,13 +64,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_multiple_of_8(text: str) -> int:
+def _image_side(text: str) -> int:
+    from wsi_espnet.models.espnet import TOTAL_STRIDE
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0 or value % 8:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive multiple of 8")
+    if value <= 0 or value % TOTAL_STRIDE:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive multiple of {TOTAL_STRIDE}")
     return value
 
 
@@ -82,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = commands.add_parser("models", help="list model variants with parameters and multiply-adds")
-    models.add_argument("--height", type=_positive_multiple_of_8, default=512, help="image height (default 512)")
-    models.add_argument("--width", type=_positive_multiple_of_8, default=1024, help="image width (default 1024)")
+    models.add_argument("--height", type=_image_side, default=512, help="image height (default 512)")
+    models.add_argument("--width", type=_image_side, default=1024, help="image width (default 1024)")
     models.add_argument("--num-classes", type=int, default=None, help="count for this many classes (default 20)")
     models.set_defaults(run=_cmd_models)
 
@@ -102,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint for other runtimes")
     export.add_argument("model", type=Path, help="a .safetensors checkpoint (or an original .pth)")
     export.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write ONNX with dynamic batch and size")
-    export.add_argument("--height", type=_positive_multiple_of_8, default=512, help="tracing height (default 512)")
-    export.add_argument("--width", type=_positive_multiple_of_8, default=1024, help="tracing width (default 1024)")
+    export.add_argument("--height", type=_image_side, default=512, help="tracing height (default 512)")
+    export.add_argument("--width", type=_image_side, default=1024, help="tracing width (default 1024)")
     export.set_defaults(run=_cmd_export)
     return parser
 

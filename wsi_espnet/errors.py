@@ -8,7 +8,10 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "WsiEspnetError"]
+import os
+from pathlib import Path
+
+__all__ = ["CheckpointError", "ConfigError", "InputError", "WsiEspnetError", "check_output_folder"]
 
 
 class WsiEspnetError(Exception):
@@ -29,3 +32,12 @@ class CheckpointError(WsiEspnetError):
     """A weights file is missing, corrupted or does not fit the model it is loaded into."""
 
     exit_code = 3
+
+
+def check_output_folder(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`InputError` unless ``path``'s folder exists and ``path`` is not itself a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {str(path)!r} is a folder; give a file name inside it.")
+    if not path.parent.is_dir():
+        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first.")

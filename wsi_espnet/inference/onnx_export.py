@@ -8,19 +8,22 @@ that only has the ``.onnx`` file still knows the classes and the input preproces
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from wsi_espnet.errors import InputError
+from wsi_espnet.errors import InputError, check_output_folder
 from wsi_espnet.models.checkpoint_io import CONFIG_METADATA_KEY
 from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.models.espnet import TOTAL_STRIDE, check_input_size
 
 __all__ = ["export_onnx"]
 
@@ -42,25 +45,48 @@ def export_onnx(
     ``config.preprocessing``), H and W multiples of 8, and returns ``logits``: ``(B, classes, H', W')``
     with ``H' = H / config.output_stride``. ``height`` and ``width`` only shape the tracing example.
     """
-    try:
-        import onnx
-    except ImportError as exc:
-        raise InputError("ONNX export needs the onnx extra: pip install 'wsi-espnet[onnx]'.") from exc
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise InputError(f"height={height}, width={width}: both must be positive multiples of 8.")
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        raise InputError("ONNX export needs the onnx extra: pip install 'wsi-espnet[onnx]'.")
+    check_input_size(height, width)
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first.")
+    check_output_folder(path)
     batch = torch.export.Dim("batch", min=1, max=1024)
     rows, cols = torch.export.Dim("rows_div8", min=1, max=8192), torch.export.Dim("cols_div8", min=1, max=8192)
-    example = torch.zeros(1, config.in_channels, height, width)
-    model = model.eval()
+    parameter = next(model.parameters())
+    example = torch.zeros(1, config.in_channels, height, width, device=parameter.device, dtype=parameter.dtype)
+    was_training = model.training
+    onnx_logger = logging.getLogger("torch.onnx")
+    log_level = onnx_logger.level
+    model.eval()
+    try:
+        _export(
+            model,
+            example,
+            path,
+            {"image": {0: batch, 2: TOTAL_STRIDE * rows, 3: TOTAL_STRIDE * cols}},
+            config,
+            onnx_logger,
+        )
+    except OSError as exc:
+        raise InputError(f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a writable folder.") from exc
+    finally:
+        model.train(was_training)
+        onnx_logger.setLevel(log_level)
+    return path
+
+
+def _export(
+    model: nn.Module, example: torch.Tensor, path: Path, dynamic_shapes: dict[str, Any], config: ModelConfig,
+    logger: logging.Logger,
+) -> None:  # fmt: skip
+    import onnx
+
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
         # The exporter reports progress on stdout and warns about unrelated optional packages.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            logger.setLevel(logging.ERROR)
             torch.onnx.export(
                 model,
                 (example,),
@@ -68,7 +94,7 @@ def export_onnx(
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamo=True,
-                dynamic_shapes={"image": {0: batch, 2: 8 * rows, 3: 8 * cols}},
+                dynamic_shapes=dynamic_shapes,
                 external_data=False,
             )
         proto = onnx.load(str(tmp_path))
@@ -76,4 +102,3 @@ def export_onnx(
         entry.key, entry.value = CONFIG_METADATA_KEY, config.to_json()
         onnx.save(proto, str(tmp_path))
         os.replace(tmp_path, path)
-    return path

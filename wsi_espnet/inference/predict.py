@@ -18,11 +18,9 @@ from torch import Tensor, nn
 
 from wsi_espnet.errors import InputError
 from wsi_espnet.models.config import ModelConfig, Preprocessing
+from wsi_espnet.models.espnet import TOTAL_STRIDE
 
 __all__ = ["Prediction", "predict", "predict_logits", "preprocess"]
-
-#: Input sides must be multiples of this (three stride-2 stages).
-SIZE_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,8 @@ def preprocess(image: NDArray[np.uint8], preprocessing: Preprocessing) -> Tensor
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
         got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise InputError(f"expected an (H, W, {len(preprocessing.mean)}) uint8 RGB array, got a {got}.")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"image of shape {image.shape} is empty; expected at least one pixel.")
     if image.shape[2] != len(preprocessing.mean):
         raise InputError(
             f"image has {image.shape[2]} channels but the model expects {len(preprocessing.mean)}; "
@@ -60,17 +60,26 @@ def predict_logits(model: nn.Module, batch: Tensor) -> Tensor:
     """``(B, C, H, W)`` normalised input -> ``(B, num_classes, H, W)`` logits at full resolution.
 
     Any H and W: the batch is reflect-padded to multiples of 8 (replicate-padded when too small to
-    reflect) and the logits are cropped back. Runs on the batch's device, in inference mode.
+    reflect) and the logits are cropped back. The batch is moved to the model's device and dtype;
+    the model runs in eval mode and inference mode (a model in training mode is put back afterwards,
+    its batch-norm statistics untouched). Logits are returned on the model's device, in float32.
     """
+    parameter = next(model.parameters())
+    batch = batch.to(device=parameter.device, dtype=parameter.dtype)
     height, width = batch.shape[-2:]
-    pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
+    pad_h, pad_w = -height % TOTAL_STRIDE, -width % TOTAL_STRIDE
     if pad_h or pad_w:
         mode = "reflect" if pad_h < height and pad_w < width else "replicate"
         batch = F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
-    with torch.inference_mode():
-        logits: Tensor = model(batch)
-        if logits.shape[-2:] != batch.shape[-2:]:
-            logits = F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits: Tensor = model(batch).float()
+            if logits.shape[-2:] != batch.shape[-2:]:
+                logits = F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    finally:
+        model.train(was_training)
     return logits[..., :height, :width]
 
 
@@ -80,19 +89,15 @@ def predict(
     *,
     config: ModelConfig | None = None,
     return_probabilities: bool = False,
-    device: torch.device | str | None = None,
 ) -> Prediction:
-    """Segment one ``(H, W, 3)`` uint8 RGB image with ``model``.
+    """Segment one ``(H, W, 3)`` uint8 RGB image with ``model``, on the model's device.
 
-    ``config`` defaults to ``model.config`` (set by every builder and loader). ``device`` defaults
-    to the model's own device. The model should be in eval mode.
+    ``config`` defaults to ``model.config`` (set by every builder and loader).
     """
     config = config or getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise InputError("the model carries no ModelConfig; pass config= (from load_model or create_model).")
-    if device is None:
-        device = next(model.parameters()).device
-    batch = preprocess(image, config.preprocessing).to(device)
+    batch = preprocess(image, config.preprocessing)
     logits = predict_logits(model, batch)[0]
     dtype = np.uint8 if config.num_classes <= 256 else np.uint16
     labels: NDArray[np.integer] = logits.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)

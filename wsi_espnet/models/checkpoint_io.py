@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from wsi_espnet.errors import CheckpointError, ConfigError
+from wsi_espnet.errors import CheckpointError, ConfigError, InputError, check_output_folder
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
 from wsi_espnet.models.original_checkpoints import load_original_checkpoint
@@ -30,14 +30,27 @@ CONFIG_METADATA_KEY = "wsi_espnet_config"
 def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
     """Write ``model``'s weights and ``config`` to ``path`` (a ``.safetensors`` file), atomically.
 
-    The file appears only once complete, so an interrupted save never leaves a loadable half file.
+    The weights must fit ``config`` exactly (checked before anything is written), so every saved
+    file loads. ``nn.DataParallel`` and ``torch.compile`` wrappers' key prefixes are removed. The file
+    appears only once complete, so an interrupted save never leaves a loadable half file.
     """
     path = Path(path)
+    check_output_folder(path)
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"output {str(path)!r} must end in .safetensors, e.g. {path.stem}.safetensors.")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"output folder {str(path.parent)!r} does not exist; create it first.")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        raise InputError(f"output {str(path)!r} must end in .safetensors, e.g. {path.stem}.safetensors.")
+    tensors = {_unwrapped(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        expected = build_espnet(config).state_dict()
+    mismatched = sorted(
+        k
+        for k in expected.keys() | tensors.keys()
+        if k not in tensors or k not in expected or tensors[k].shape != expected[k].shape
+    )
+    if mismatched:
+        raise CheckpointError(
+            f"the model's weights do not fit the {config.variant} that config {config.name!r} describes "
+            f"(first mismatched key: {mismatched[0]!r}); save the config the model was built from."
+        )
     tmp_path: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(
@@ -53,6 +66,12 @@ def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[st
             f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
         ) from exc
     return path
+
+
+def _unwrapped(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

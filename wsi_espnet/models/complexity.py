@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from wsi_espnet.models.config import ModelConfig
-from wsi_espnet.models.espnet import build_espnet
+from wsi_espnet.models.espnet import build_espnet, check_input_size
 
 __all__ = ["count_multiply_adds", "count_parameters"]
 
@@ -22,7 +22,9 @@ def count_multiply_adds(config: ModelConfig, *, height: int = 512, width: int = 
 
     Counted on the meta device (no memory, no compute), so it is cheap for any input size.
     Batch norm, activations and additions are not counted, as is usual for this figure.
+    ``height`` and ``width`` must be positive multiples of the network's total stride, 8.
     """
+    check_input_size(height, width)
     with torch.device("meta"):
         model = build_espnet(config).eval()
         image = torch.empty(1, config.in_channels, height, width)

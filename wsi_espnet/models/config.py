@@ -140,8 +140,8 @@ class ModelConfig:
         _check_choice("block", self.block, BlockType)
         _check_choice("downsampler", self.downsampler, Downsampler)
         _check_choice("decoder_level1_skip", self.decoder_level1_skip, Level1Skip)
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes={self.num_classes} must be >= 1.")
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 2 (e.g. tumour and other tissue).")
         if self.in_channels < 1:
             raise ConfigError(f"in_channels={self.in_channels} must be >= 1.")
         if self.alpha2 < 0 or self.alpha3 < 0:
@@ -155,10 +155,14 @@ class ModelConfig:
             raise ConfigError(
                 f"preprocessing has {len(self.preprocessing.mean)} mean values for in_channels={self.in_channels}."
             )
-        if not self.class_names:
-            object.__setattr__(self, "class_names", tuple(f"class_{i}" for i in range(self.num_classes)))
-        if not self.class_colors:
-            object.__setattr__(self, "class_colors", default_palette(self.num_classes))
+        # Stored as tuples whatever was passed, so the config stays hashable and immutable.
+        object.__setattr__(self, "class_names", tuple(self.class_names) or default_class_names(self.num_classes))
+        object.__setattr__(
+            self, "class_colors", tuple(tuple(c) for c in self.class_colors) or default_palette(self.num_classes)
+        )
+        for color in self.class_colors:
+            if len(color) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in color):
+                raise ConfigError(f"class colour {color!r} is not valid; expected three integers 0-255 (R, G, B).")
         if len(self.class_names) != self.num_classes or len(self.class_colors) != self.num_classes:
             raise ConfigError(
                 f"num_classes={self.num_classes} but {len(self.class_names)} class names and "
@@ -208,8 +212,6 @@ class ModelConfig:
                 if key in prep:
                     prep[key] = tuple(prep[key])
             data["preprocessing"] = Preprocessing(**prep)
-            data["class_names"] = tuple(data.get("class_names", ()))
-            data["class_colors"] = tuple(tuple(c) for c in data.get("class_colors", ()))
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"model config is malformed: {exc}.") from exc
@@ -223,6 +225,11 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"model config must be a JSON object, got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """``class_0``, ``class_1``, ... for models whose classes were not named."""
+    return tuple(f"class_{i}" for i in range(num_classes))
 
 
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.config import EspBlockOptions
 from wsi_espnet.models.layers import BN_EPS, make_activation
 
@@ -26,8 +27,9 @@ def branch_widths(out_channels: int, branches: int) -> list[int]:
     """Output channels of each of the ``branches`` parallel convolutions; they sum to ``out_channels``."""
     width = out_channels // branches
     if width == 0:
-        raise ValueError(
-            f"out_channels={out_channels} is smaller than branches={branches}; each branch needs a channel."
+        raise ConfigError(
+            f"out_channels={out_channels} is smaller than branches={branches}; each branch needs a channel, "
+            f"so use at most {out_channels} branches."
         )
     return [out_channels - (branches - 1) * width] + [width] * (branches - 1)
 

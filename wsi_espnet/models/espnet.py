@@ -25,13 +25,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from wsi_espnet.errors import InputError
 from wsi_espnet.models.comparison_blocks import make_block
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.esp_block import EspBlock, StridedEspBlock
 from wsi_espnet.models.layers import BN_EPS, BnAct, ConvBnAct
 
-__all__ = ["EncoderFeatures", "EspNet", "EspNetEncoder", "InputReinforcement", "build_espnet"]
+__all__ = [
+    "TOTAL_STRIDE",
+    "EncoderFeatures",
+    "EspNet",
+    "EspNetEncoder",
+    "InputReinforcement",
+    "build_espnet",
+    "check_input_size",
+]
 
+#: Input pixels per level-3 pixel: input sides must be multiples of this for the decoder's merges.
+TOTAL_STRIDE = 8
 LEVEL1_CHANNELS = 16
 LEVEL2_CHANNELS = 64
 LEVEL3_CHANNELS = 128
@@ -176,3 +187,9 @@ class EspNet(nn.Module):
 def build_espnet(config: ModelConfig) -> EspNetEncoder | EspNet:
     """The untrained network that ``config`` describes (weights from PyTorch's default init)."""
     return EspNet(config) if config.variant == "espnet" else EspNetEncoder(config)
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Raise :class:`InputError` unless both sides are positive multiples of :data:`TOTAL_STRIDE`."""
+    if height <= 0 or width <= 0 or height % TOTAL_STRIDE or width % TOTAL_STRIDE:
+        raise InputError(f"height={height}, width={width}: both must be positive multiples of {TOTAL_STRIDE}.")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 
 from wsi_espnet.errors import CheckpointError
 from wsi_espnet.models.config import Level1Skip, ModelConfig, Preprocessing, Variant
@@ -176,14 +177,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file; check the path.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (
+        pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, SafetensorError
+    ) as exc:  # fmt: skip
+        reason = (str(exc).splitlines() or ["no details"])[0]
         raise CheckpointError(
-            f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}: {reason}). "
             "The file may be truncated or corrupted, or it is not a weights file; download it again."
         ) from exc
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
         raise CheckpointError(
             f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict of tensors; "
             "expected one of the original ESPNet checkpoints (a dict of parameter tensors)."
@@ -250,15 +256,25 @@ def load_original_checkpoint(
     variant: Variant = "espnet" if prefix else "espnet-c"
     level1_skip: Level1Skip = "conv"
     if variant == "espnet":
-        skip_channels = int(remapped["merge_level1.conv.weight"].shape[1]) - file_classes
-        level1_skip = "reinforced" if skip_channels == 16 + in_channels else "conv"
+        merge = remapped.get("merge_level1.conv.weight")
+        if merge is None:
+            raise CheckpointError(
+                f"{str(path)!r} is an ESPNet decoder file without its level-1 merge ('conv.conv.weight')."
+            )
+        level1_skip = "reinforced" if int(merge.shape[1]) - file_classes == 16 + in_channels else "conv"
+    alpha2, alpha3 = _count_blocks(list(state), "level2"), _count_blocks(list(state), "level3")
+    if alpha2 < 1 or alpha3 < 1:
+        raise CheckpointError(
+            f"{str(path)!r} has {alpha2} level-2 and {alpha3} level-3 ESP blocks; every released ESPNet has at "
+            "least one of each, so the file is incomplete."
+        )
     config = ModelConfig(
         name=name or path.stem,
         num_classes=file_classes,
         variant=variant,
         in_channels=in_channels,
-        alpha2=_count_blocks(list(state), "level2"),
-        alpha3=_count_blocks(list(state), "level3"),
+        alpha2=alpha2,
+        alpha3=alpha3,
         decoder_level1_skip=level1_skip,
         class_names=class_names,
         class_colors=class_colors,

@@ -70,8 +70,9 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; registered models are: {', '.join(_REGISTRY)}.")
     config = _REGISTRY[name].config
-    if "num_classes" in overrides and "class_names" not in overrides:
-        overrides = {**overrides, "class_names": (), "class_colors": ()}
+    if "num_classes" in overrides:
+        # The template's 20 names and colours do not fit another class count; defaults fill them.
+        overrides = {"class_names": (), "class_colors": (), **overrides}
     try:
         return config.replace(**overrides)
     except TypeError as exc:
