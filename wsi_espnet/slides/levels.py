@@ -1,0 +1,78 @@
+"""Choose the pyramid level to read for a model's target resolution in micrometres per pixel."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from wsi_espnet.slides.reader import SlideError, SlideReader
+
+__all__ = ["LevelChoice", "choose_level"]
+
+# Absorbs floating-point noise in MPP ratios, e.g. 0.499 * 2 vs 0.998.
+_RELATIVE_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Which level to read and how to resample it to the target resolution.
+
+    level : the pyramid level to read.
+    level_mpp : that level's micrometres per pixel.
+    target_mpp : the requested micrometres per pixel.
+    scale : level pixels per target pixel, ``target_mpp / level_mpp``; 1.0 when no resampling is needed,
+        > 1 to downsample, < 1 to upsample (only when even level 0 is coarser than the target).
+    resample : True when ``scale != 1.0``.
+    target_shape : ``(H, W)`` of the whole slide at ``target_mpp``, ``round(level_shape / scale)``.
+    """
+
+    level: int
+    level_mpp: float
+    target_mpp: float
+    scale: float
+    resample: bool
+    target_shape: tuple[int, int]
+
+
+def choose_level(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.1) -> LevelChoice:
+    """The coarsest level at or finer than ``target_mpp`` (within ``tolerance``), and how to resample it.
+
+    A level whose MPP is within ``tolerance`` (relative) of the target is used as is. Otherwise the
+    chosen level is resampled: downsampled from the coarsest finer level, or, when even level 0 is
+    coarser than the target, upsampled from level 0 (``scale < 1``).
+
+    Raises
+    ------
+    SlideError : the slide has no MPP (and none was given to :func:`open_slide`), or ``target_mpp`` /
+        ``tolerance`` is out of range.
+    """
+    if (
+        isinstance(target_mpp, bool)
+        or not isinstance(target_mpp, int | float)
+        or not (math.isfinite(target_mpp) and target_mpp > 0)
+    ):
+        raise SlideError(f"target_mpp={target_mpp!r} must be a positive number of micrometres per pixel, e.g. 0.5.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < 1:
+        raise SlideError(f"tolerance={tolerance!r} must be in [0, 1), e.g. 0.1 for 10%.")
+    if reader.mpp is None:
+        raise SlideError(
+            f"{reader.path.name} has no micrometres-per-pixel (MPP) metadata, so the level for "
+            f"{target_mpp:g} um/px cannot be chosen. Pass the scan resolution explicitly with --mpp "
+            "(mpp= in Python), e.g. --mpp 0.25 for a 40x scan or --mpp 0.5 for a 20x scan."
+        )
+    level_mpps = [reader.mpp * downsample for downsample in reader.level_downsamples]
+    upper = target_mpp * (1 + tolerance) * (1 + _RELATIVE_EPSILON)
+    finer = [level for level, mpp in enumerate(level_mpps) if mpp <= upper]
+    level = max(finer, key=lambda lvl: level_mpps[lvl]) if finer else 0
+    level_mpp = level_mpps[level]
+    within = abs(level_mpp / target_mpp - 1) <= tolerance * (1 + _RELATIVE_EPSILON) + _RELATIVE_EPSILON
+    scale = 1.0 if within else target_mpp / level_mpp
+    height, width = reader.level_shapes[level]
+    return LevelChoice(
+        level=level,
+        level_mpp=level_mpp,
+        target_mpp=float(target_mpp),
+        scale=scale,
+        resample=scale != 1.0,
+        target_shape=(max(1, round(height / scale)), max(1, round(width / scale))),
+    )
