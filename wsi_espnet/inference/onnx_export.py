@@ -12,7 +12,6 @@ import importlib.util
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import InputError, check_output_folder
 from wsi_espnet.models.checkpoint_io import CONFIG_METADATA_KEY
 from wsi_espnet.models.config import ModelConfig
@@ -81,8 +81,7 @@ def _export(
 ) -> None:  # fmt: skip
     import onnx
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        tmp_path = Path(tmp) / path.name
+    with replacing(path) as tmp_path:
         # The exporter reports progress on stdout and warns about unrelated optional packages.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -101,4 +100,3 @@ def _export(
         entry = proto.metadata_props.add()
         entry.key, entry.value = CONFIG_METADATA_KEY, config.to_json()
         onnx.save(proto, str(tmp_path))
-        os.replace(tmp_path, path)

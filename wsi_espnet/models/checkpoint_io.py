@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import CheckpointError, ConfigError, InputError, check_output_folder
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
@@ -51,19 +51,13 @@ def save_model(model: nn.Module, config: ModelConfig, path: str | os.PathLike[st
             f"the model's weights do not fit the {config.variant} that config {config.name!r} describes "
             f"(first mismatched key: {mismatched[0]!r}); save the config the model was built from."
         )
-    tmp_path: Path | None = None
     try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False
-        ) as tmp:
-            tmp_path = Path(tmp.name)
-        save_file(tensors, str(tmp_path), metadata={CONFIG_METADATA_KEY: config.to_json(), "format": "wsi-espnet"})
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
+        with replacing(path) as partial:
+            save_file(tensors, str(partial), metadata={CONFIG_METADATA_KEY: config.to_json(), "format": "wsi-espnet"})
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise CheckpointError(
-            f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
+            f"cannot write {str(path)!r}: {reason}; choose a folder you can write to with free space."
         ) from exc
     return path
 
