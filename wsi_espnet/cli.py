@@ -1,7 +1,9 @@
 """The ``wsi-espnet`` command line.
 
-Exit codes: 0 success; 2 bad input or usage (a message says what to fix); 3 a checkpoint that is
-missing, corrupted or does not fit; 1 an unexpected internal error (please report it).
+Exit codes: 0 success (also when the outputs were already complete); 2 bad input or usage (a
+message says what to fix: missing or unreadable slide, missing MPP, unwritable or full output
+folder, outputs of another run in the way); 3 a checkpoint that is missing, corrupted or does not
+fit; 130 interrupted (rerun the same command to resume); 1 an unexpected internal error (a bug).
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wsi_espnet import __version__
 from wsi_espnet.errors import InputError, WsiEspnetError
+
+if TYPE_CHECKING:
+    from wsi_espnet.segmentation.segment_slide import SegmentationResult, SegmentOptions
 
 __all__ = ["main"]
 
@@ -64,6 +70,116 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from wsi_espnet.slides import describe_slide, open_slide
+
+    with open_slide(args.slide, mpp=args.mpp) as reader:
+        print(describe_slide(reader))
+    return 0
+
+
+def _segment_options(args: argparse.Namespace) -> SegmentOptions:
+    from wsi_espnet.segmentation.segment_slide import FORMATS, SegmentOptions
+    from wsi_espnet.tissue_detection import TissueOptions
+
+    formats = set(FORMATS) if args.format == "all" else {f.strip() for f in args.format.split(",") if f.strip()}
+    return SegmentOptions(
+        out_dir=args.out,
+        formats=frozenset(formats),
+        mpp=args.mpp,
+        target_mpp=args.target_mpp,
+        tile_size=args.tile_size,
+        halo=args.halo,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        tissue=TissueOptions(enabled=not args.no_tissue_detection, threshold=args.tissue_threshold),
+        overwrite=args.overwrite,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+
+
+def _print_summary(result: SegmentationResult, *, quiet: bool) -> None:
+    record = result.provenance
+    if quiet:
+        return
+    print(f"outputs ({'already complete' if result.skipped else 'written'}):")
+    for name, path in result.outputs.items():
+        print(f"  {name:<12} {path}")
+    if "classes" in record:
+        tissue = record["tissue"]
+        print(f"tissue: {tissue['segmented_area_mm2']:.3f} mm^2 ({tissue['method']} detection)")
+        print(f"{'class':<24} {'area mm^2':>10} {'of tissue':>10}")
+        for entry in record["classes"][1:]:
+            share = entry["fraction_of_tissue"]
+            print(f"{entry['name']:<24} {entry['area_mm2']:>10.4f} {'' if share is None else f'{share:.1%}':>10}")
+        timings = record["timings_s"]
+        print(
+            f"time: {timings['total']:.1f} s total, {timings['inference']:.1f} s tiles "
+            f"({record['tiling']['tiles_with_tissue']} with tissue, {record['tiling']['tiles_resumed']} resumed), "
+            f"model {record['execution']['model_forward_s']:.1f} s"
+        )
+
+
+def _log(message: str) -> None:
+    print(f"wsi-espnet: {message}", file=sys.stderr)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from wsi_espnet.segmentation.segment_slide import segment_slide
+
+    options = _segment_options(args)
+    model = args.model or _default_model()
+    result = segment_slide(args.slide, model, options, log=_log)
+    _print_summary(result, quiet=args.quiet)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wsi_espnet.demo import demo_model, sample_slide
+    from wsi_espnet.segmentation.segment_slide import segment_slide
+
+    slide = sample_slide(log=_log)
+    model, target_mpp = demo_model(log=_log)
+    args.model, args.target_mpp = model, args.target_mpp or target_mpp
+    args.out = args.out or Path("wsi-espnet-demo")
+    result = segment_slide(
+        slide, model, _segment_options(args), log=lambda m: print(f"wsi-espnet: {m}", file=sys.stderr)
+    )
+    _print_summary(result, quiet=args.quiet)
+    return 0
+
+
+def _default_model() -> Path:
+    from wsi_espnet.models.registry import default_model_path
+
+    return default_model_path()
+
+
+def _add_segment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the slide)")
+    parser.add_argument(
+        "--format", default="ome-zarr,ome-tiff,provenance",
+        help="comma-separated outputs from ome-zarr, ome-tiff, geojson, provenance, or 'all' "
+        "(default: ome-zarr,ome-tiff,provenance)",
+    )  # fmt: skip
+    parser.add_argument("--mpp", type=float, default=None, help="the slide's micrometres per pixel (for files without)")
+    parser.add_argument("--target-mpp", type=float, default=None, help="run the model at this um/px (default: model's)")
+    parser.add_argument("--tile-size", type=int, default=1536, help="output tile side in pixels (default 1536)")
+    parser.add_argument("--halo", type=int, default=None, help="context pixels around tiles (default: from the model)")
+    parser.add_argument("--batch-size", type=int, default=1, help="tiles per model call (default 1)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--no-tissue-detection", action="store_true", help="segment the whole slide, glass included")
+    parser.add_argument("--tissue-threshold", type=float, default=None, help="saturation threshold 0-1 (default Otsu)")
+    parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--workers", type=int, default=None, help="threads of the local scheduler (default: cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+
 def _image_side(text: str) -> int:
     from wsi_espnet.models.espnet import TOTAL_STRIDE
 
@@ -109,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--height", type=_image_side, default=512, help="tracing height (default 512)")
     export.add_argument("--width", type=_image_side, default=1024, help="tracing width (default 1024)")
     export.set_defaults(run=_cmd_export)
+
+    segment = commands.add_parser("segment", help="segment a whole-slide image into a pyramidal class mask")
+    segment.add_argument("slide", type=Path, help="slide file (.svs .tif .ndpi .mrxs ...) or DICOM WSI folder")
+    segment.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint (default: packaged)")
+    _add_segment_options(segment)
+    segment.set_defaults(run=_cmd_segment)
+
+    info = commands.add_parser("info", help="describe a slide: vendor, levels, MPP, associated images")
+    info.add_argument("slide", type=Path)
+    info.add_argument("--mpp", type=float, default=None, help="override the slide's micrometres per pixel")
+    info.set_defaults(run=_cmd_info)
+
+    demo = commands.add_parser("demo", help="segment the CC0 OpenSlide sample slide CMU-1-Small-Region.svs")
+    _add_segment_options(demo)
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 

@@ -8,13 +8,14 @@ overrides (class count, depth, ...). The paper's defaults (K=5, alpha2=2, alpha3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
 
-__all__ = ["RegisteredModel", "create_model", "get_model_config", "list_models"]
+__all__ = ["RegisteredModel", "create_model", "default_model_path", "get_model_config", "list_models"]
 
 DEFAULT_NUM_CLASSES = 20
 
@@ -82,3 +83,17 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
 def create_model(name: str, **overrides: Any) -> EspNet | EspNetEncoder:
     """Build registered model ``name`` (untrained), e.g. ``create_model("espnet", num_classes=8)``."""
     return build_espnet(get_model_config(name, **overrides))
+
+
+def default_model_path() -> Path:
+    """The packaged default breast model's checkpoint.
+
+    Raises :class:`ConfigError` while no trained model ships with the package.
+    """
+    packaged = sorted((Path(__file__).parent / "pretrained").glob("*.safetensors"))
+    if not packaged:
+        raise ConfigError(
+            "no default breast model ships with this version yet; pass --model MODEL.safetensors (for example one "
+            "made with 'wsi-espnet convert-weights')."
+        )
+    return packaged[0]

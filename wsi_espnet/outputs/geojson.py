@@ -41,7 +41,7 @@ def write_geojson(
     *,
     downsample: float,
     classes: Sequence[LabelClass],
-    simplify_tolerance: float = 1.0,
+    simplify_tolerance: float = 0.5,
 ) -> Path:
     """Write one QuPath annotation Feature per class present in ``labels`` and return ``path``.
 

@@ -7,7 +7,7 @@ and view a level as a lazy Dask array.
 """
 
 from wsi_espnet.slides.lazy_array import slide_level_dask
-from wsi_espnet.slides.levels import LevelChoice, choose_level
+from wsi_espnet.slides.levels import LevelChoice, choose_level, read_target_region
 from wsi_espnet.slides.reader import SlideError, SlideReader, describe_slide, open_slide
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "choose_level",
     "describe_slide",
     "open_slide",
+    "read_target_region",
     "slide_level_dask",
 ]

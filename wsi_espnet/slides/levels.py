@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
 from wsi_espnet.slides.reader import SlideError, SlideReader
 
-__all__ = ["LevelChoice", "choose_level"]
+__all__ = ["LevelChoice", "choose_level", "read_target_region"]
 
 # Absorbs floating-point noise in MPP ratios, e.g. 0.499 * 2 vs 0.998.
 _RELATIVE_EPSILON = 1e-9
@@ -76,3 +80,25 @@ def choose_level(reader: SlideReader, target_mpp: float, *, tolerance: float = 0
         resample=scale != 1.0,
         target_shape=(max(1, round(height / scale)), max(1, round(width / scale))),
     )
+
+
+def read_target_region(
+    reader: SlideReader, choice: LevelChoice, top: int, left: int, height: int, width: int
+) -> NDArray[np.uint8]:
+    """A ``(height, width, 3)`` uint8 window of the slide on the *target* grid of ``choice``.
+
+    ``top``/``left`` are target-grid pixels. Without resampling this is a plain read of
+    ``choice.level``; otherwise the level region under the window (plus the filter's support) is read
+    and resampled with an antialiased bilinear filter whose sampling positions depend only on the
+    global target grid, so neighbouring windows join without seams. Outside the slide is white.
+    """
+    if not choice.resample:
+        return reader.read_region(choice.level, top, left, height, width)
+    scale = choice.scale
+    margin = math.ceil(max(scale, 1.0)) + 1
+    row0, col0 = math.floor(top * scale) - margin, math.floor(left * scale) - margin
+    row1, col1 = math.ceil((top + height) * scale) + margin, math.ceil((left + width) * scale) + margin
+    source = Image.fromarray(reader.read_region(choice.level, row0, col0, row1 - row0, col1 - col0))
+    box = (left * scale - col0, top * scale - row0, (left + width) * scale - col0, (top + height) * scale - row0)
+    resized = source.resize((width, height), resample=Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized, dtype=np.uint8)

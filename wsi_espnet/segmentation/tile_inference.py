@@ -1,0 +1,129 @@
+"""Where tiles are segmented and stitched: one Dask task per group of tiles.
+
+A task reads its tiles' windows (tile + halo) through the picklable slide reader, runs them through
+the model as one batch, keeps each window's valid centre, applies the tissue mask, and writes the
+result into the label store, flagging each tile done. Tiles never share a zarr chunk, so tasks
+write concurrently without locks. Because every window is snapped to the network's stride and sees
+the real slide border, the stitched mask equals whole-image inference wherever the halo covers the
+receptive field that matters.
+
+The model is loaded once per worker process (cached by weights hash and device), not shipped with
+each task; a per-process lock lets one task run the model while others read and write.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from wsi_espnet.inference.predict import predict_logits, preprocess
+from wsi_espnet.models.checkpoint_io import load_model
+from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.outputs.label_classes import NO_TISSUE
+from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
+from wsi_espnet.tiling import Tile
+
+__all__ = ["InferenceSettings", "TileGroupResult", "infer_windows", "segment_tile_group"]
+
+_MODELS: dict[tuple[str, str, str, bool], tuple[nn.Module, ModelConfig]] = {}
+_MODELS_LOCK = threading.Lock()
+_INFERENCE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What every task needs besides its tiles; small and picklable.
+
+    model_path, model_sha256 : the checkpoint and its hash (the cache key: a changed file reloads).
+    device : "cpu", "cuda", "cuda:1", ...
+    precision : "fp32", "fp16" or "bf16" (autocast; fp32 runs plain).
+    channels_last : run convolutions in NHWC memory layout (faster on CPU and on tensor cores).
+    """
+
+    model_path: str
+    model_sha256: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class TileGroupResult:
+    """What a finished task reports: its tiles and the seconds spent in the model's forward pass."""
+
+    tiles: tuple[tuple[int, int], ...]
+    model_seconds: float
+    read_seconds: float
+
+
+def cached_model(settings: InferenceSettings) -> tuple[nn.Module, ModelConfig]:
+    """The settings' model, loaded once per process and kept in eval mode on its device."""
+    key = (settings.model_path, settings.model_sha256, settings.device, settings.channels_last)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            model, config = load_model(settings.model_path, device=settings.device)
+            if settings.channels_last:
+                model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            _MODELS[key] = (model.eval(), config)
+        return _MODELS[key]
+
+
+def infer_windows(
+    model: nn.Module, config: ModelConfig, windows: Sequence[NDArray[np.uint8]], settings: InferenceSettings
+) -> list[NDArray[np.uint8]]:
+    """Class ids ``(h, w)`` uint8 for each ``(h, w, 3)`` window; same-shaped windows share one batch."""
+    results: list[NDArray[np.uint8] | None] = [None] * len(windows)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, window in enumerate(windows):
+        by_shape.setdefault(window.shape, []).append(index)
+    device_type = torch.device(settings.device).type
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.precision)
+    for indices in by_shape.values():
+        batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
+        if settings.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            labels = predict_logits(model, batch).argmax(1).to(torch.uint8).cpu().numpy()
+        for position, index in enumerate(indices):
+            results[index] = labels[position]
+    return [r for r in results if r is not None]
+
+
+def segment_tile_group(
+    reader: SlideReader,
+    choice: LevelChoice,
+    tiles: Sequence[Tile],
+    tissue: Sequence[NDArray[np.bool_] | None],
+    settings: InferenceSettings,
+    store_path: str,
+) -> TileGroupResult:
+    """Segment ``tiles`` and write them into the store at ``store_path``.
+
+    ``tissue[i]`` is tile i's tissue mask at tile resolution (None: all tissue). Labels are written as
+    ``class + 1``, and 0 where there is no tissue.
+    """
+    start = time.perf_counter()
+    windows = [
+        read_target_region(reader, choice, t.window_top, t.window_left, t.window_height, t.window_width) for t in tiles
+    ]
+    read_seconds = time.perf_counter() - start
+    model, config = cached_model(settings)
+    with _INFERENCE_LOCK:
+        start = time.perf_counter()
+        predictions = infer_windows(model, config, windows, settings)
+        model_seconds = time.perf_counter() - start
+    store = LabelStore(store_path)
+    for tile, prediction, mask in zip(tiles, predictions, tissue, strict=True):
+        labels = prediction[tile.crop] + np.uint8(1)
+        if mask is not None:
+            labels[~mask] = NO_TISSUE
+        store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
+    return TileGroupResult(tuple((t.row, t.col) for t in tiles), model_seconds, read_seconds)

@@ -1,0 +1,105 @@
+"""The tile plan: output tiles, and the larger input windows (tile + halo) the model sees for each.
+
+All coordinates are (row, col) pixels of the *target* grid, the slide resampled to the model's
+micrometres per pixel. Output tiles partition the target grid; their edges are multiples of the
+tile size, which is a multiple of the store's chunk size, so no two tiles write the same chunk.
+
+Each tile's window extends ``halo`` pixels beyond it, snapped to the network's stride (8) so every
+window sees the same down-sampling phase as whole-image inference would, and shifted inward at the
+slide's edges rather than padded, so the network meets the real border where whole-image inference
+meets it too. Windows therefore all have one size (except on slides smaller than a window), which
+batches well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from wsi_espnet.errors import InputError
+from wsi_espnet.models.espnet import TOTAL_STRIDE
+
+__all__ = ["Tile", "TilePlan", "plan_tiles"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One output tile and its input window, in target-grid pixels.
+
+    ``(row, col)`` is the tile's index in the plan's grid. The output region is
+    ``[top, top + height) x [left, left + width)``; the window ``[window_top, window_top +
+    window_height) x [window_left, ...)`` contains it.
+    """
+
+    row: int
+    col: int
+    top: int
+    left: int
+    height: int
+    width: int
+    window_top: int
+    window_left: int
+    window_height: int
+    window_width: int
+
+    @property
+    def crop(self) -> tuple[slice, slice]:
+        """Slices that cut the output region out of the window's prediction."""
+        r0, c0 = self.top - self.window_top, self.left - self.window_left
+        return slice(r0, r0 + self.height), slice(c0, c0 + self.width)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Every tile of a ``shape`` target grid, row-major, with ``tile_size`` tiles and ``halo`` context."""
+
+    shape: tuple[int, int]
+    tile_size: int
+    halo: int
+    tiles: tuple[Tile, ...]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """Number of tile rows and columns."""
+        return -(-self.shape[0] // self.tile_size), -(-self.shape[1] // self.tile_size)
+
+    def __iter__(self) -> Iterator[Tile]:
+        return iter(self.tiles)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+
+def _window(start: int, size: int, extent: int, tile_size: int, halo: int) -> tuple[int, int]:
+    """Window start and length along one axis for the tile ``[start, start + size)``."""
+    padded_extent = -(-extent // TOTAL_STRIDE) * TOTAL_STRIDE
+    length = min(-(-(tile_size + 2 * halo) // TOTAL_STRIDE) * TOTAL_STRIDE, padded_extent)
+    first = (start - halo) // TOTAL_STRIDE * TOTAL_STRIDE
+    first = min(max(first, 0), padded_extent - length)
+    # The window must hold the whole tile; with a small halo near the far edge, lengthen it.
+    length = max(length, -(-(start + size - first) // TOTAL_STRIDE) * TOTAL_STRIDE)
+    return first, length
+
+
+def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int) -> TilePlan:
+    """Plan the tiles of a ``shape = (height, width)`` target grid.
+
+    ``tile_size`` must be a positive multiple of 8 and ``halo`` non-negative. Window sides are
+    ``tile_size + 2 * halo`` rounded up to a multiple of 8, or the whole (8-padded) grid if smaller.
+    """
+    height, width = shape
+    if height <= 0 or width <= 0:
+        raise InputError(f"cannot tile an empty {height}x{width} image.")
+    if tile_size <= 0 or tile_size % TOTAL_STRIDE:
+        raise InputError(f"tile size {tile_size} must be a positive multiple of {TOTAL_STRIDE}.")
+    if halo < 0:
+        raise InputError(f"halo {halo} must be >= 0 pixels.")
+    tiles = []
+    for row, top in enumerate(range(0, height, tile_size)):
+        tile_h = min(tile_size, height - top)
+        window_top, window_h = _window(top, tile_h, height, tile_size, halo)
+        for col, left in enumerate(range(0, width, tile_size)):
+            tile_w = min(tile_size, width - left)
+            window_left, window_w = _window(left, tile_w, width, tile_size, halo)
+            tiles.append(Tile(row, col, top, left, tile_h, tile_w, window_top, window_left, window_h, window_w))
+    return TilePlan((height, width), tile_size, halo, tuple(tiles))
