@@ -35,3 +35,36 @@ def cityscapes_frame(shared_data: Path) -> NDArray[np.uint8]:
     """A real 2048x1024 Cityscapes validation frame, (1024, 2048, 3) uint8 RGB."""
     path = shared_data / "espnet-original" / "cityscapes-samples" / "frankfurt_000000_000294_leftImg8bit.png"
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def espnet_checkpoint(original_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The original Cityscapes ESPNet (alpha3=3) in our format: the model the segmentation tests use.
+
+    It is a street-scene model, so its classes mean nothing on tissue, but it is a real trained
+    ESPNet with the real receptive field, which is what tiling, stitching and resuming depend on.
+    """
+    from wsi_espnet.models import load_original_checkpoint, save_model
+
+    model, config = load_original_checkpoint(original_weights / "decoder_espnet_p_2_q_3.pth")
+    return save_model(model, config, tmp_path_factory.mktemp("models") / "espnet-q3.safetensors")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the halo cache and demo downloads out of the user's ~/.cache during tests."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def white_slide(path: Path, *, size: int = 2048, mpp: float = 0.5) -> Path:
+    """Write an all-glass tiled pyramidal TIFF (two levels) with ``mpp`` in its resolution tags."""
+    import tifffile
+
+    image = np.full((size, size, 3), 245, dtype=np.uint8)
+    resolution = (1e4 / mpp, 1e4 / mpp)
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(image, tile=(256, 256), resolution=resolution, resolutionunit="CENTIMETER", subfiletype=0)
+        half = image[::2, ::2]
+        tiff.write(half, tile=(256, 256), resolution=(resolution[0] / 2, resolution[1] / 2),
+                   resolutionunit="CENTIMETER", subfiletype=1)  # fmt: skip
+    return path

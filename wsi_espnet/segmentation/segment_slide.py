@@ -69,7 +69,7 @@ class SegmentOptions:
     target_mpp : resolution to run the model at; default the model's own ``target_mpp``.
     mpp_tolerance : relative MPP difference within which a level is used without resampling.
     tile_size : output tile side in target pixels (a multiple of ``chunk``).
-    chunk : zarr chunk side of the mask.
+    chunk : zarr chunk side of the mask (default: 512, or the tile size if smaller).
     halo : context pixels around each tile; None derives it from the model's receptive field.
     batch_size : tiles per model call.
     device : "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
@@ -88,7 +88,7 @@ class SegmentOptions:
     target_mpp: float | None = None
     mpp_tolerance: float = 0.1
     tile_size: int = 1536
-    chunk: int = 512
+    chunk: int | None = None
     halo: int | None = None
     batch_size: int = 1
     device: str = "auto"
@@ -100,14 +100,25 @@ class SegmentOptions:
     backend: str = "auto"
     progress: bool = True
 
+    @property
+    def chunk_size(self) -> int:
+        """The zarr chunk side in effect (``chunk`` or its default)."""
+        return self.chunk or min(512, self.tile_size)
+
     def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "formats", frozenset(self.formats))
         unknown = set(self.formats) - set(FORMATS)
         if unknown:
             raise InputError(f"unknown output format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}.")
-        if self.chunk <= 0 or self.chunk % 8:
-            raise InputError(f"chunk {self.chunk} must be a positive multiple of 8.")
-        if self.tile_size <= 0 or self.tile_size % self.chunk:
-            raise InputError(f"tile size {self.tile_size} must be a positive multiple of the chunk size {self.chunk}.")
+        if self.tile_size <= 0 or self.tile_size % 8:
+            raise InputError(f"tile size {self.tile_size} must be a positive multiple of 8.")
+        chunk = self.chunk_size
+        if chunk <= 0 or chunk % 8:
+            raise InputError(f"chunk {chunk} must be a positive multiple of 8.")
+        if self.tile_size % chunk:
+            raise InputError(f"tile size {self.tile_size} must be a multiple of the chunk size {chunk}.")
         if self.halo is not None and self.halo < 0:
             raise InputError(f"halo {self.halo} must be >= 0 pixels.")
         if self.batch_size < 1:
@@ -207,7 +218,7 @@ def _run_key(slide: Path, model_sha: str, choice: LevelChoice, plan: TilePlan, o
         "choice": dataclasses.asdict(choice),
         "tile_size": plan.tile_size,
         "halo": plan.halo,
-        "chunk": options.chunk,
+        "chunk": options.chunk_size,
         "batch_size": options.batch_size,
         "tissue": dataclasses.asdict(options.tissue),
         "mpp": options.mpp,
@@ -231,7 +242,7 @@ def _dask_client(options: SegmentOptions) -> Iterator[Client]:
     threads = options.workers or max(2, os.cpu_count() or 1)
     # In-process: the model is loaded once and shared; one thread runs it while the others read and write.
     with LocalCluster(
-        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None, silence_logs=40
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0", silence_logs=40
     ) as cluster, Client(cluster) as client:  # fmt: skip
         yield client
 
@@ -334,7 +345,7 @@ def segment_slide(
     tissue_tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
     if not resumed:
         store = LabelStore.create(
-            paths.zarr, shape=plan.shape, chunk=options.chunk, tile_grid=plan.grid_shape, run_key=run_key,
+            paths.zarr, shape=plan.shape, chunk=options.chunk_size, tile_grid=plan.grid_shape, run_key=run_key,
             attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
         )  # fmt: skip
     else:
@@ -404,7 +415,7 @@ def segment_slide(
             "mask_shape": list(plan.shape),
         },
         "tiling": {
-            "tile_size": plan.tile_size, "halo": plan.halo, "halo_source": halo_source, "chunk": options.chunk,
+            "tile_size": plan.tile_size, "halo": plan.halo, "halo_source": halo_source, "chunk": options.chunk_size,
             "batch_size": options.batch_size, "tiles_total": len(plan), "tiles_with_tissue": len(tissue_tiles),
             "tiles_resumed": tiles_resumed,
         },

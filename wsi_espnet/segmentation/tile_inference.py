@@ -31,7 +31,7 @@ from wsi_espnet.segmentation.label_store import LabelStore
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
 from wsi_espnet.tiling import Tile
 
-__all__ = ["InferenceSettings", "TileGroupResult", "infer_windows", "segment_tile_group"]
+__all__ = ["InferenceSettings", "TileGroupResult", "infer_windows", "read_window", "segment_tile_group"]
 
 _MODELS: dict[tuple[str, str, str, bool], tuple[nn.Module, ModelConfig]] = {}
 _MODELS_LOCK = threading.Lock()
@@ -97,6 +97,31 @@ def infer_windows(
     return [r for r in results if r is not None]
 
 
+def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray[np.uint8]:
+    """Tile's input window ``(window_height, window_width, 3)``, reflect-padded past the slide's end.
+
+    Windows may reach up to 7 pixels past the bottom/right edge (sides are multiples of 8); there the
+    slide is mirrored, exactly as whole-image inference pads (see ``predict_logits``), because ESPNet's
+    huge receptive field makes even a few rows of white padding change labels far inside the slide.
+    """
+    height, width = choice.target_shape
+    window = read_target_region(
+        reader, choice, tile.window_top, tile.window_left, tile.window_height, tile.window_width
+    )
+    inside_h = min(tile.window_height, height - tile.window_top)
+    inside_w = min(tile.window_width, width - tile.window_left)
+    if (inside_h, inside_w) == window.shape[:2]:
+        return window
+    pad = ((0, window.shape[0] - inside_h), (0, window.shape[1] - inside_w), (0, 0))
+    inside = window[:inside_h, :inside_w]
+    padded: NDArray[np.uint8]
+    if pad[0][1] < inside_h and pad[1][1] < inside_w:
+        padded = np.pad(inside, pad, mode="reflect")
+    else:  # slides narrower than the padding itself cannot be mirrored
+        padded = np.pad(inside, pad, mode="edge")
+    return padded
+
+
 def segment_tile_group(
     reader: SlideReader,
     choice: LevelChoice,
@@ -111,9 +136,7 @@ def segment_tile_group(
     ``class + 1``, and 0 where there is no tissue.
     """
     start = time.perf_counter()
-    windows = [
-        read_target_region(reader, choice, t.window_top, t.window_left, t.window_height, t.window_width) for t in tiles
-    ]
+    windows = [read_window(reader, choice, t) for t in tiles]
     read_seconds = time.perf_counter() - start
     model, config = cached_model(settings)
     with _INFERENCE_LOCK:

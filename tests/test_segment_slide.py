@@ -1,0 +1,203 @@
+"""segment_slide end to end on real slides: stitching exactness, every output in its reader, resume, Dask."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+
+import numpy as np
+import openslide
+import pytest
+import tiffslide
+from conftest import white_slide
+from distributed import LocalCluster
+
+from wsi_espnet.errors import InputError
+from wsi_espnet.inference import predict
+from wsi_espnet.models import load_model
+from wsi_espnet.segmentation import SegmentOptions, segment_slide
+from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.slides import choose_level, open_slide, read_target_region
+from wsi_espnet.tissue_detection import detect_tissue
+
+
+@pytest.fixture(scope="module")
+def cmu(shared_data):
+    return shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+
+def _labels(result) -> np.ndarray:
+    return np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...])
+
+
+@pytest.mark.slow
+def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp_path):
+    # Default settings at the slide's own 0.499 um/px: 2x2 tiles of 1536 px with the automatic halo.
+    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5, progress=False))
+    stitched = _labels(result)
+    assert result.provenance["tiling"]["tiles_with_tissue"] == 4
+
+    reader = open_slide(cmu)
+    choice = choose_level(reader, 0.5)
+    whole = read_target_region(reader, choice, 0, 0, *choice.target_shape)
+    model, _ = load_model(espnet_checkpoint)
+    reference = predict(model, whole).labels + np.uint8(1)
+    tissue = detect_tissue(reader, mpp=choice.level_mpp).crop_to(0, 0, *choice.target_shape, 1.0)
+    reference[~tissue] = 0
+
+    agreement = float(np.mean(stitched == reference))
+    on_tissue = float(np.mean(stitched[tissue] == reference[tissue]))
+    print(f"stitched vs whole-image inference: {agreement:.6%} of pixels, {on_tissue:.6%} of tissue pixels")
+    assert agreement >= 0.995
+    assert on_tissue >= 0.995
+
+
+@pytest.fixture(scope="module")
+def full_run(cmu, espnet_checkpoint, tmp_path_factory):
+    """CMU at 1 um/px (resampled from level 0), small tiles, every output format."""
+    options = SegmentOptions(
+        out_dir=tmp_path_factory.mktemp("full"), target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
+            {"ome-zarr", "ome-tiff", "geojson", "provenance"}), progress=False,
+    )  # fmt: skip
+    return segment_slide(cmu, espnet_checkpoint, options)
+
+
+def test_provenance_records_inputs_settings_and_areas(full_run, cmu, espnet_checkpoint):
+    record = json.loads(full_run.outputs["provenance"].read_text())
+    assert record["input"]["sha256"] == hashlib.sha256(cmu.read_bytes()).hexdigest()
+    assert record["model"]["sha256"] == hashlib.sha256(espnet_checkpoint.read_bytes()).hexdigest()
+    assert record["resolution"]["resampled"] is True
+    assert record["resolution"]["effective_mpp"] == pytest.approx(1.0)
+    assert record["resolution"]["mask_shape"] == [1481, 1108]
+    assert (record["tiling"]["tile_size"], record["tiling"]["halo"]) == (512, 96)
+    assert record["versions"]["torch"]
+    assert record["versions"]["zarr"]
+    assert record["timings_s"]["total"] >= record["timings_s"]["inference"] > 0
+    labels = _labels(full_run)
+    for entry in record["classes"]:
+        assert entry["area_mm2"] == pytest.approx(np.sum(labels == entry["value"]) * 1e-6)
+    assert record["tissue"]["segmented_area_mm2"] == pytest.approx(np.sum(labels > 0) * 1e-6)
+    assert 0.2 < record["tissue"]["fraction"] < 0.6
+    assert LabelStore(full_run.outputs["ome-zarr"]).state()["status"] == "complete"
+
+
+def test_ome_zarr_opens_with_ome_zarr_reader(full_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    location = parse_url(str(full_run.outputs["ome-zarr"] / "labels"))
+    nodes = [node for node in Reader(location)() if node.data]
+    classes = next(node for node in nodes if node.zarr.path.rstrip("/").endswith("tissue_classes"))
+    assert len(classes.data) >= 3
+    np.testing.assert_array_equal(np.asarray(classes.data[0]), _labels(full_run))
+    assert np.asarray(classes.data[-1]).shape[0] <= 256
+
+
+def test_ome_tiff_opens_as_a_pyramid_with_its_mpp(full_run):
+    path = full_run.outputs["ome-tiff"]
+    levels = len(LabelStore(full_run.outputs["ome-zarr"]).group("labels", "tissue_classes"))
+    with tiffslide.TiffSlide(path) as slide:
+        assert slide.level_count == levels
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(1.0)
+        region = np.asarray(slide.read_region((0, 0), 0, slide.dimensions, as_array=True))
+        values = region[..., 0] if region.ndim == 3 else region
+        np.testing.assert_array_equal(values, _labels(full_run))
+    with openslide.OpenSlide(path) as slide:
+        assert slide.level_count == levels
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+
+
+def test_geojson_polygons_are_in_level0_slide_coordinates(full_run, cmu):
+    collection = json.loads(full_run.outputs["geojson"].read_text())
+    assert collection["type"] == "FeatureCollection"
+    names = {f["properties"]["classification"]["name"] for f in collection["features"]}
+    record = json.loads(full_run.outputs["provenance"].read_text())
+    present = {c["name"] for c in record["classes"] if c["value"] and c["area_mm2"] > 0}
+    assert names == present
+    points = np.array([p for f in collection["features"] for poly in f["geometry"]["coordinates"] for ring in poly
+                       for p in ring])  # fmt: skip
+    with tiffslide.TiffSlide(cmu) as slide:
+        width, height = slide.dimensions
+    assert points[:, 0].min() >= 0
+    assert points[:, 0].max() <= width + 1
+    assert points[:, 1].min() >= 0
+    assert points[:, 1].max() <= height + 1
+    assert points[:, 0].max() > width / 2  # level-0 pixels, not mask pixels (the mask is half as large)
+
+
+def test_tissue_mask_is_saved(full_run):
+    assert full_run.outputs["tissue-mask"].is_file()
+    store = LabelStore(full_run.outputs["ome-zarr"])
+    tissue = np.asarray(store.group("labels", "tissue")["0"][...])
+    assert set(np.unique(tissue)) == {0, 1}
+
+
+def test_a_complete_output_is_kept_and_other_settings_are_refused(full_run, cmu, espnet_checkpoint):
+    out_dir = full_run.outputs["ome-zarr"].parent
+    options = SegmentOptions(
+        out_dir=out_dir, target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
+            {"ome-zarr", "ome-tiff", "geojson", "provenance"}), progress=False,
+    )  # fmt: skip
+    again = segment_slide(cmu, espnet_checkpoint, options)
+    assert again.skipped
+    with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass --overwrite"):
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024,
+                                                             progress=False))  # fmt: skip
+
+
+def test_a_slide_without_tissue_gives_an_empty_mask(espnet_checkpoint, tmp_path):
+    messages: list[str] = []
+    slide = white_slide(tmp_path / "glass.tif")
+    result = segment_slide(
+        slide, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "out", target_mpp=1.0, halo=64, progress=False),
+        log=messages.append,
+    )  # fmt: skip
+    assert not _labels(result).any()
+    assert any("no tissue found" in m for m in messages)
+    assert result.provenance["tissue"]["segmented_area_mm2"] == 0
+    assert result.outputs["ome-tiff"].is_file()
+
+
+def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_checkpoint, tmp_path, monkeypatch):
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=128, halo=64, progress=False)
+    write_tile = LabelStore.write_tile
+    calls = []
+
+    def fill_up(self, *args):
+        calls.append(args)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_tile(self, *args)
+
+    monkeypatch.setattr(LabelStore, "write_tile", fill_up)
+    with pytest.raises(
+        InputError, match=r"is full .*resume\. The output is marked incomplete"
+    ):
+        segment_slide(cmu, espnet_checkpoint, options)
+    store = LabelStore(tmp_path / "CMU-1-Small-Region.mask.zarr")
+    assert store.state()["status"] == "running"
+    done_before = int(store.done_tiles().sum())
+    assert 0 < done_before <= 3
+    assert not (tmp_path / "CMU-1-Small-Region.mask.ome.tiff").exists()
+    assert not (tmp_path / "CMU-1-Small-Region.provenance.json").exists()
+
+    monkeypatch.setattr(LabelStore, "write_tile", write_tile)
+    resumed = segment_slide(cmu, espnet_checkpoint, options)
+    assert resumed.provenance["tiling"]["tiles_resumed"] == done_before
+    fresh = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "fresh", target_mpp=2.0,
+                                                                 tile_size=128, halo=64, progress=False))  # fmt: skip
+    np.testing.assert_array_equal(_labels(resumed), _labels(fresh))
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_with_worker_processes_gives_the_same_labels(cmu, espnet_checkpoint, tmp_path):
+    options = {"target_mpp": 2.0, "tile_size": 256, "halo": 64, "progress": False}
+    local = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "local", **options))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        remote = segment_slide(
+            cmu, espnet_checkpoint,
+            SegmentOptions(out_dir=tmp_path / "cluster", scheduler=cluster.scheduler_address, **options),
+        )  # fmt: skip
+    assert remote.provenance["execution"]["scheduler"].startswith("tcp://")
+    np.testing.assert_array_equal(_labels(remote), _labels(local))
