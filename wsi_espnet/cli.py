@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-espnet",
         description="Segment gigapixel whole-slide images with ESPNet.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 bad checkpoint.",
+        epilog="Exit codes: 0 ok (or already complete), 1 internal error, 2 bad input or usage, 3 bad checkpoint, "
+        "130 interrupted (rerun to resume).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
