@@ -290,8 +290,7 @@ def segment_slide(
     timings: dict[str, float] = {}
     slide_path, model_path = Path(slide), Path(model_path)
     reader = open_slide(slide_path, backend=options.backend, mpp=options.mpp)  # type: ignore[arg-type]
-    model, config = load_model(model_path)
-    del model
+    _, config = load_model(model_path)  # a full load: a bad checkpoint fails here, before any work starts
     model_sha = file_sha256(model_path)
     target_mpp = options.target_mpp or config.target_mpp
     if target_mpp is None:
@@ -344,6 +343,9 @@ def segment_slide(
     s = level0_per_target
     tissue_tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
     if not resumed:
+        # Outputs of an earlier run must not sit beside a new, unfinished store looking complete.
+        for stale in (paths.ome_tiff, paths.geojson, paths.provenance, paths.tissue_png):
+            stale.unlink(missing_ok=True)
         store = LabelStore.create(
             paths.zarr, shape=plan.shape, chunk=options.chunk_size, tile_grid=plan.grid_shape, run_key=run_key,
             attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
