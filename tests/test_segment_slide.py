@@ -171,9 +171,7 @@ def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_chec
         write_tile(self, *args)
 
     monkeypatch.setattr(LabelStore, "write_tile", fill_up)
-    with pytest.raises(
-        InputError, match=r"is full .*resume\. The output is marked incomplete"
-    ):
+    with pytest.raises(InputError, match=r"is full .*resume\. The output is marked incomplete"):
         segment_slide(cmu, espnet_checkpoint, options)
     store = LabelStore(tmp_path / "CMU-1-Small-Region.mask.zarr")
     assert store.state()["status"] == "running"
@@ -201,3 +199,12 @@ def test_a_dask_cluster_with_worker_processes_gives_the_same_labels(cmu, espnet_
         )  # fmt: skip
     assert remote.provenance["execution"]["scheduler"].startswith("tcp://")
     np.testing.assert_array_equal(_labels(remote), _labels(local))
+
+
+def test_a_foreign_folder_in_the_way_is_never_deleted(cmu, espnet_checkpoint, tmp_path):
+    foreign = tmp_path / "CMU-1-Small-Region.mask.zarr"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's data")
+    with pytest.raises(InputError, match=r"already exist.*pass --overwrite"):
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=2.0, progress=False))
+    assert (foreign / "notes.txt").read_text() == "someone else's data"

@@ -74,18 +74,16 @@ def _window(start: int, size: int, extent: int, tile_size: int, halo: int) -> tu
     """Window start and length along one axis for the tile ``[start, start + size)``."""
     padded_extent = -(-extent // TOTAL_STRIDE) * TOTAL_STRIDE
     length = min(-(-(tile_size + 2 * halo) // TOTAL_STRIDE) * TOTAL_STRIDE, padded_extent)
-    first = (start - halo) // TOTAL_STRIDE * TOTAL_STRIDE
-    first = min(max(first, 0), padded_extent - length)
-    # The window must hold the whole tile; with a small halo near the far edge, lengthen it.
-    length = max(length, -(-(start + size - first) // TOTAL_STRIDE) * TOTAL_STRIDE)
+    first = min(max(start - halo, 0), padded_extent - length)
     return first, length
 
 
 def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int) -> TilePlan:
     """Plan the tiles of a ``shape = (height, width)`` target grid.
 
-    ``tile_size`` must be a positive multiple of 8 and ``halo`` non-negative. Window sides are
-    ``tile_size + 2 * halo`` rounded up to a multiple of 8, or the whole (8-padded) grid if smaller.
+    ``tile_size`` must be a positive multiple of 8 and ``halo`` non-negative; the halo is rounded up
+    to a multiple of 8 (the plan's ``halo`` is the rounded value). Window sides are
+    ``tile_size + 2 * halo``, or the whole (8-padded) grid if that is smaller.
     """
     height, width = shape
     if height <= 0 or width <= 0:
@@ -94,6 +92,8 @@ def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int) -> TilePlan
         raise InputError(f"tile size {tile_size} must be a positive multiple of {TOTAL_STRIDE}.")
     if halo < 0:
         raise InputError(f"halo {halo} must be >= 0 pixels.")
+    # A stride-multiple halo keeps window starts on the stride grid with the full halo on both sides.
+    halo = -(-halo // TOTAL_STRIDE) * TOTAL_STRIDE
     tiles = []
     for row, top in enumerate(range(0, height, tile_size)):
         tile_h = min(tile_size, height - top)

@@ -48,7 +48,7 @@ class TissueOptions:
     min_area_um2: float = 20_000.0
 
     def __post_init__(self) -> None:
-        if self.mask_mpp <= 0:
+        if not (math.isfinite(self.mask_mpp) and self.mask_mpp > 0):
             raise InputError(f"tissue mask_mpp={self.mask_mpp} must be a positive number of micrometres.")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise InputError(f"tissue threshold={self.threshold} must be between 0 and 1.")
@@ -149,7 +149,7 @@ def detect_tissue(reader: SlideReader, *, mpp: float, options: TissueOptions | N
     An all-glass slide gives an all-False mask (method "uniform" or a threshold nothing exceeds).
     """
     options = options or TissueOptions()
-    if mpp <= 0:
+    if not (math.isfinite(mpp) and mpp > 0):
         raise InputError(f"mpp={mpp} must be a positive number of micrometres per pixel.")
     wanted = max(1.0, options.mask_mpp / mpp)
     level = max((i for i, d in enumerate(reader.level_downsamples) if d <= wanted), default=0)

@@ -46,13 +46,11 @@ def effective_receptive_radius(
         with torch.enable_grad():
             logits = model(probe)
             centre = logits.shape[-1] // 2
-            logits[0, :, centre, centre].sum().backward()
+            # autograd.grad leaves the parameters' .grad (a caller's accumulated gradients) untouched.
+            (gradient,) = torch.autograd.grad(logits[0, :, centre, centre].sum(), probe)
     finally:
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    if probe.grad is None:
-        return 0
-    weight = probe.grad.detach().abs().sum((0, 1)).float().cpu().numpy()
+    weight = gradient.detach().abs().sum((0, 1)).float().cpu().numpy()
     rows, cols = np.indices(weight.shape)
     middle = probe_size // 2
     radius = np.maximum(np.abs(rows - middle), np.abs(cols - middle)).ravel()

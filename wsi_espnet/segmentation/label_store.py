@@ -99,19 +99,24 @@ class LabelStore:
             node = node[name]  # type: ignore[assignment]
         return node
 
+    def _array(self, *parts: str, mode: str = "r") -> zarr.Array[Any]:
+        try:
+            return zarr.open_array(self.path.joinpath(*parts), mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.ArrayNotFoundError, ValueError) as exc:
+            raise InputError(f"{str(self.path)!r} is not a wsi-espnet output store ({exc}).") from exc
+
     def labels(self, level: int = 0, *, mode: str = "r") -> zarr.Array[Any]:
         """Level ``level`` of the class mask pyramid."""
-        return zarr.open_array(self.path / "labels" / CLASSES_LABEL / str(level), mode=mode, zarr_format=3)
+        return self._array("labels", CLASSES_LABEL, str(level), mode=mode)
 
     def write_tile(self, row: int, col: int, top: int, left: int, labels: NDArray[np.uint8]) -> None:
         """Store one tile's labels, then flag the tile done (in that order, for crash safety)."""
         self.labels(mode="r+")[top : top + labels.shape[0], left : left + labels.shape[1]] = labels
-        zarr.open_array(self.path / PROGRESS, mode="r+", zarr_format=3)[row, col] = 1
+        self._array(PROGRESS, mode="r+")[row, col] = 1
 
     def done_tiles(self) -> NDArray[np.bool_]:
         """(tile rows, tile cols) bool: True for tiles whose labels are stored."""
-        progress = zarr.open_array(self.path / PROGRESS, mode="r", zarr_format=3)
-        done: NDArray[np.bool_] = np.asarray(progress[...]) == 1
+        done: NDArray[np.bool_] = np.asarray(self._array(PROGRESS)[...]) == 1
         return done
 
     def write_tissue_mask(self, mask: NDArray[np.bool_]) -> zarr.Array[Any]:

@@ -321,7 +321,7 @@ def segment_slide(
             previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
             return SegmentationResult(outputs, previous, skipped=True)
     elif state is None and not options.overwrite:
-        existing = [str(p) for name, p in outputs.items() if name != "ome-zarr" and p.exists()]
+        existing = [str(p) for p in outputs.values() if p.exists()]
         if existing:
             raise InputError(
                 f"{', '.join(existing)} already exist(s) but no matching run store does; pass --overwrite to replace, "
