@@ -18,7 +18,9 @@ from wsi_espnet.inference import predict
 from wsi_espnet.models import load_model
 from wsi_espnet.segmentation import SegmentOptions, segment_slide
 from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.segmentation.tile_inference import window_key
 from wsi_espnet.slides import choose_level, open_slide, read_target_region
+from wsi_espnet.tiling import plan_tiles
 from wsi_espnet.tissue_detection import detect_tissue
 
 
@@ -37,6 +39,9 @@ def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp
     result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5, progress=False))
     stitched = _labels(result)
     assert result.provenance["tiling"]["tiles_with_tissue"] == 4
+    tiling = result.provenance["tiling"]
+    plan = plan_tiles((2967, 2220), tile_size=1536, halo=tiling["halo"])
+    assert tiling["windows_run"] == len({window_key(t) for t in plan})  # tiles sharing a window run it once
 
     reader = open_slide(cmu)
     choice = choose_level(reader, 0.5)
@@ -144,6 +149,15 @@ def test_a_complete_output_is_kept_and_other_settings_are_refused(full_run, cmu,
     with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass --overwrite"):
         segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024,
                                                              progress=False))  # fmt: skip
+
+
+def test_tiles_sharing_a_window_run_it_once(cmu, espnet_checkpoint, tmp_path):
+    # 1 um/px: a 1481 x 1108 grid; 768-px tiles with a 176-px halo need 1120-px windows, wider than the
+    # (8-padded) 1112-px grid, so the two tiles of each row share one window.
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=1.0, tile_size=768, chunk=256, halo=176, progress=False)
+    tiling = segment_slide(cmu, espnet_checkpoint, options).provenance["tiling"]
+    assert tiling["tiles_with_tissue"] == 4
+    assert tiling["windows_run"] == 2
 
 
 def test_a_slide_without_tissue_gives_an_empty_mask(espnet_checkpoint, tmp_path):

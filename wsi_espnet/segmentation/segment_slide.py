@@ -46,7 +46,7 @@ from wsi_espnet.outputs.ome_zarr import write_ngff_label_metadata
 from wsi_espnet.outputs.pyramid import build_label_pyramid
 from wsi_espnet.segmentation.label_store import CLASSES_LABEL, TISSUE_LABEL, LabelStore
 from wsi_espnet.segmentation.provenance import input_sha256, software_versions
-from wsi_espnet.segmentation.tile_inference import InferenceSettings, TileGroupResult, segment_tile_group
+from wsi_espnet.segmentation.tile_inference import InferenceSettings, TileGroupResult, segment_tile_group, window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, choose_level, open_slide
 from wsi_espnet.tiling import Tile, TilePlan, plan_tiles
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions, detect_tissue
@@ -69,7 +69,7 @@ class SegmentOptions:
     target_mpp : resolution to run the model at; default the model's own ``target_mpp``.
     mpp_tolerance : relative MPP difference within which a level is used without resampling.
     tile_size : output tile side in target pixels (a multiple of ``chunk``).
-    chunk : zarr chunk side of the mask (default: 512, or the tile size if smaller).
+    chunk : zarr chunk side of the mask (default: the largest divisor of the tile size up to 512).
     halo : context pixels around each tile; None derives it from the model's receptive field.
     batch_size : tiles per model call.
     device : "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
@@ -103,7 +103,9 @@ class SegmentOptions:
     @property
     def chunk_size(self) -> int:
         """The zarr chunk side in effect (``chunk`` or its default)."""
-        return self.chunk or min(512, self.tile_size)
+        if self.chunk:
+            return self.chunk
+        return max(side for side in range(8, 513, 8) if self.tile_size % side == 0)
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -248,8 +250,16 @@ def _dask_client(options: SegmentOptions) -> Iterator[Client]:
 
 
 def _tile_groups(tissue_tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
-    """Fixed batches over the tissue tiles, so a resumed run batches (and so computes) exactly alike."""
-    return [tissue_tiles[i : i + batch_size] for i in range(0, len(tissue_tiles), batch_size)]
+    """Fixed batches of ``batch_size`` distinct windows, with every tissue tile each window serves.
+
+    On slides narrower than a window several tiles share one window; grouping them lets the task run
+    it once. The grouping depends only on the plan, so a resumed run batches (and computes) alike.
+    """
+    by_window: dict[tuple[int, int, int, int], list[Tile]] = {}
+    for tile in tissue_tiles:
+        by_window.setdefault(window_key(tile), []).append(tile)
+    windows = list(by_window.values())
+    return [[t for tiles in windows[i : i + batch_size] for t in tiles] for i in range(0, len(windows), batch_size)]
 
 
 def _class_areas(store: LabelStore, classes: list[LabelClass], mpp: float) -> dict[int, float]:
@@ -362,6 +372,7 @@ def segment_slide(
     settings = InferenceSettings(str(model_path.resolve()), model_sha, device, precision, channels_last=True)
     t0 = time.perf_counter()
     model_seconds = read_seconds = 0.0
+    windows_run = 0
     try:
         with _dask_client(options) as client:
             jobs = _TileJobs(reader, choice, tissue, level0_per_target, settings, paths.zarr)
@@ -369,6 +380,7 @@ def segment_slide(
                 client, jobs, groups, total=len(tissue_tiles), done=tiles_resumed, show=options.progress,
                 description=f"segmenting ({tissue.fraction:.0%} tissue)",
             )  # fmt: skip
+            windows_run = sum(r.windows for r in results)
             model_seconds = sum(r.model_seconds for r in results)
             read_seconds = sum(r.read_seconds for r in results)
             timings["inference"] = time.perf_counter() - t0
@@ -419,7 +431,7 @@ def segment_slide(
         "tiling": {
             "tile_size": plan.tile_size, "halo": plan.halo, "halo_source": halo_source, "chunk": options.chunk_size,
             "batch_size": options.batch_size, "tiles_total": len(plan), "tiles_with_tissue": len(tissue_tiles),
-            "tiles_resumed": tiles_resumed,
+            "tiles_resumed": tiles_resumed, "windows_run": windows_run,
         },
         "tissue": {
             "method": tissue.method, "threshold": None if np.isnan(tissue.threshold) else tissue.threshold,

@@ -31,7 +31,14 @@ from wsi_espnet.segmentation.label_store import LabelStore
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
 from wsi_espnet.tiling import Tile
 
-__all__ = ["InferenceSettings", "TileGroupResult", "infer_windows", "read_window", "segment_tile_group"]
+__all__ = [
+    "InferenceSettings",
+    "TileGroupResult",
+    "infer_windows",
+    "read_window",
+    "segment_tile_group",
+    "window_key",
+]
 
 _MODELS: dict[tuple[str, str, str, bool], tuple[nn.Module, ModelConfig]] = {}
 _MODELS_LOCK = threading.Lock()
@@ -57,9 +64,10 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class TileGroupResult:
-    """What a finished task reports: its tiles and the seconds spent in the model's forward pass."""
+    """What a finished task reports: its tiles, the windows it ran, and seconds spent reading and in the model."""
 
     tiles: tuple[tuple[int, int], ...]
+    windows: int
     model_seconds: float
     read_seconds: float
 
@@ -95,6 +103,11 @@ def infer_windows(
         for position, index in enumerate(indices):
             results[index] = labels[position]
     return [r for r in results if r is not None]
+
+
+def window_key(tile: Tile) -> tuple[int, int, int, int]:
+    """A tile's input window as (top, left, height, width): equal keys mean one shared model pass."""
+    return tile.window_top, tile.window_left, tile.window_height, tile.window_width
 
 
 def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray[np.uint8]:
@@ -136,17 +149,18 @@ def segment_tile_group(
     ``class + 1``, and 0 where there is no tissue.
     """
     start = time.perf_counter()
-    windows = [read_window(reader, choice, t) for t in tiles]
+    unique = {window_key(t): t for t in tiles}  # tiles sharing a window run it once
+    windows = [read_window(reader, choice, t) for t in unique.values()]
     read_seconds = time.perf_counter() - start
     model, config = cached_model(settings)
     with _INFERENCE_LOCK:
         start = time.perf_counter()
-        predictions = infer_windows(model, config, windows, settings)
+        predictions = dict(zip(unique, infer_windows(model, config, windows, settings), strict=True))
         model_seconds = time.perf_counter() - start
     store = LabelStore(store_path)
-    for tile, prediction, mask in zip(tiles, predictions, tissue, strict=True):
-        labels = prediction[tile.crop] + np.uint8(1)
+    for tile, mask in zip(tiles, tissue, strict=True):
+        labels = predictions[window_key(tile)][tile.crop] + np.uint8(1)
         if mask is not None:
             labels[~mask] = NO_TISSUE
         store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
-    return TileGroupResult(tuple((t.row, t.col) for t in tiles), model_seconds, read_seconds)
+    return TileGroupResult(tuple((t.row, t.col) for t in tiles), len(windows), model_seconds, read_seconds)
