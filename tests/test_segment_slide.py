@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import openslide
@@ -222,3 +226,41 @@ def test_a_foreign_folder_in_the_way_is_never_deleted(cmu, espnet_checkpoint, tm
     with pytest.raises(InputError, match=r"already exist.*pass --overwrite"):
         segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=2.0, progress=False))
     assert (foreign / "notes.txt").read_text() == "someone else's data"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("device", "gpu", "device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("workers", 0, "workers 0 must be >= 1"),
+    ("target_mpp", 0.0, "target-mpp 0.0 must be a positive number"),
+    ("mpp", float("nan"), "mpp nan must be a positive number"),
+    ("tile_size", 100, "tile size 100 must be a positive multiple of 8"),
+])  # fmt: skip
+def test_invalid_options_are_explained(field, value, message):
+    with pytest.raises(InputError, match=message):
+        SegmentOptions(**{field: value})
+
+
+def test_a_second_run_on_the_same_store_waits_its_turn(cmu, espnet_checkpoint, tmp_path):
+    lock = tmp_path / "CMU-1-Small-Region.mask.zarr.lock"
+    lock.write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live holder: this test process
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=256, halo=64, progress=False)
+    with pytest.raises(InputError, match=r"another wsi-espnet run .* is writing CMU-1-Small-Region\.mask\.zarr"):
+        segment_slide(cmu, espnet_checkpoint, options)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()}:{finished.stdout.strip()}")  # left by a process that is gone
+    segment_slide(cmu, espnet_checkpoint, options)
+    assert not lock.exists()
+
+
+def test_adding_a_format_to_a_complete_run_keeps_its_record(cmu, espnet_checkpoint, tmp_path):
+    options = {"out_dir": tmp_path, "target_mpp": 2.0, "tile_size": 256, "halo": 64, "progress": False}
+    first = segment_slide(cmu, espnet_checkpoint, SegmentOptions(**options))
+    tiff_written = first.outputs["ome-tiff"].stat().st_mtime_ns
+    formats = frozenset({"ome-zarr", "ome-tiff", "geojson", "provenance"})
+    second = segment_slide(cmu, espnet_checkpoint, SegmentOptions(formats=formats, **options))
+    record = json.loads(second.outputs["provenance"].read_text())
+    assert record["timings_s"] == first.provenance["timings_s"]
+    assert record["tiling"]["windows_run"] == first.provenance["tiling"]["windows_run"] > 0
+    assert "updated" in record
+    assert second.outputs["geojson"].is_file()
+    assert second.outputs["ome-tiff"].stat().st_mtime_ns == tiff_written

@@ -125,19 +125,21 @@ class TissueMask:
 
 
 def _read_downsampled(reader: SlideReader, level: int, factor: int) -> NDArray[np.float32]:
-    """Level ``level`` averaged over ``factor x factor`` blocks, as (h, w, 3) float32 in 0-1."""
+    """Level ``level`` averaged over ``factor x factor`` blocks, as (h, w, 3) float32 in 0-1.
+
+    Partial blocks at the bottom and right edges count (the level is edge-padded to whole blocks),
+    so tissue touching the slide's edge is not cut off the mask.
+    """
     height, width = reader.level_shapes[level]
+    pad = ((0, -height % factor), (0, -width % factor), (0, 0))
     if height * width <= _READ_WHOLE_PIXELS:
-        pixels = reader.read_level(level).astype(np.float32)
-        h, w = height // factor * factor, width // factor * factor
-        if h == 0 or w == 0:
-            return pixels / 255.0
-        blocks = pixels[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+        pixels = np.pad(reader.read_level(level).astype(np.float32), pad, mode="edge")
+        blocks = pixels.reshape(pixels.shape[0] // factor, factor, pixels.shape[1] // factor, factor, 3)
         means: NDArray[np.float32] = blocks.mean(axis=(1, 3), dtype=np.float32) / np.float32(255)
         return means
     chunk = max(factor, 2048 // factor * factor)
-    lazy = slide_level_dask(reader, level, chunk=chunk)[: height // factor * factor, : width // factor * factor]
-    small = da.coarsen(np.mean, lazy.astype(np.float32), {0: factor, 1: factor}, trim_excess=True)
+    lazy = da.pad(slide_level_dask(reader, level, chunk=chunk).astype(np.float32), pad, mode="edge")  # type: ignore[no-untyped-call]
+    small = da.coarsen(np.mean, lazy, {0: factor, 1: factor}, trim_excess=True)
     result: NDArray[np.float32] = np.asarray(small.compute(), dtype=np.float32) / np.float32(255)
     return result
 
@@ -158,7 +160,7 @@ def detect_tissue(reader: SlideReader, *, mpp: float, options: TissueOptions | N
     mask_mpp = mpp * downsample
     if not options.enabled:
         height, width = reader.level_shapes[level]
-        full = np.ones((max(1, height // factor), max(1, width // factor)), dtype=bool)
+        full = np.ones((-(-height // factor), -(-width // factor)), dtype=bool)
         return TissueMask(full, downsample, mask_mpp, float("nan"), "disabled")
 
     rgb = _read_downsampled(reader, level, factor)

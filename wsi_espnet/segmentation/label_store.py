@@ -16,7 +16,12 @@ resumed by the run that started it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from numpy.typing import NDArray
 
 from wsi_espnet.errors import InputError
 
-__all__ = ["CLASSES_LABEL", "TISSUE_LABEL", "LabelStore"]
+__all__ = ["CLASSES_LABEL", "TISSUE_LABEL", "LabelStore", "run_lock"]
 
 CLASSES_LABEL = "tissue_classes"
 TISSUE_LABEL = "tissue"
@@ -52,11 +57,15 @@ class LabelStore:
         run_key: str,
         attrs: dict[str, Any],
     ) -> LabelStore:
-        """Start a fresh store (an existing folder at ``path`` is replaced) with empty labels."""
+        """Start a fresh store (an existing folder at ``path`` is replaced) with empty labels.
+
+        The new store is built beside ``path`` and renamed into place, and an old one is renamed away
+        before it is deleted, so a kill at any moment leaves either no store or a whole one at ``path``,
+        never an old store missing some of its chunks.
+        """
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
-        root = zarr.open_group(path, mode="w", zarr_format=3)
+        building = path.with_name(f".{path.name}.new-{uuid.uuid4().hex}")
+        root = zarr.open_group(building, mode="w", zarr_format=3)
         root.attrs.update({"ome": {"version": "0.5"}, _ATTRS: {**attrs, "status": "running", "run_key": run_key}})
         labels = root.create_group("labels")
         labels.attrs.update({"ome": {"version": "0.5", "labels": []}})
@@ -64,6 +73,13 @@ class LabelStore:
             "0", shape=shape, chunks=(chunk, chunk), dtype="uint8", fill_value=0, dimension_names=("y", "x")
         )
         root.create_array(PROGRESS, shape=tile_grid, chunks=(1, 1), dtype="uint8", fill_value=0, compressors=None)
+        if path.exists():
+            retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            path.rename(retired)
+            building.rename(path)
+            shutil.rmtree(retired)
+        else:
+            building.rename(path)
         return cls(path)
 
     def _root(self, mode: str = "r") -> zarr.Group:
@@ -128,3 +144,42 @@ class LabelStore:
         )  # fmt: skip
         array[...] = mask.astype(np.uint8)
         return array
+
+
+@contextlib.contextmanager
+def run_lock(store_path: Path) -> Iterator[None]:
+    """Hold ``<store>.lock`` for one run, so two runs never write one store at the same time.
+
+    The lock file names its holder (host and pid). A lock left by a dead process on this host is
+    taken over; one held by a live process, or by another host, is an :class:`InputError`.
+    """
+    lock = store_path.with_name(store_path.name + ".lock")
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = lock.read_text(errors="replace").strip() if lock.exists() else ""
+        host, _, pid = holder.partition(":")
+        if not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))):
+            raise InputError(
+                f"another wsi-espnet run ({holder or 'unknown'}) is writing {store_path.name}; wait for it to finish, "
+                f"or, if it is no longer running, delete {lock} and rerun."
+            ) from None
+        lock.unlink(missing_ok=True)  # left by a killed run on this host: take it over
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(me)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,7 +16,9 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 import threading
 import time
@@ -29,7 +31,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import torch
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, KilledWorker, LocalCluster, as_completed
 from numpy.typing import NDArray
 from PIL import Image
 from tqdm import tqdm
@@ -44,7 +46,7 @@ from wsi_espnet.outputs.label_classes import LabelClass, label_classes_for
 from wsi_espnet.outputs.ome_tiff import write_ome_tiff
 from wsi_espnet.outputs.ome_zarr import write_ngff_label_metadata
 from wsi_espnet.outputs.pyramid import build_label_pyramid
-from wsi_espnet.segmentation.label_store import CLASSES_LABEL, TISSUE_LABEL, LabelStore
+from wsi_espnet.segmentation.label_store import CLASSES_LABEL, TISSUE_LABEL, LabelStore, run_lock
 from wsi_espnet.segmentation.provenance import input_sha256, software_versions
 from wsi_espnet.segmentation.tile_inference import InferenceSettings, TileGroupResult, segment_tile_group, window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, choose_level, open_slide
@@ -55,6 +57,8 @@ __all__ = ["FORMATS", "SegmentOptions", "SegmentationResult", "segment_slide"]
 
 FORMATS = ("ome-zarr", "ome-tiff", "geojson", "provenance")
 DEFAULT_FORMATS = frozenset({"ome-zarr", "ome-tiff", "provenance"})
+#: How long a run waits for the first worker of an external cluster.
+_WORKER_WAIT_S = 120
 #: The GeoJSON is traced on the first pyramid level at most this many pixels.
 _GEOJSON_MAX_PIXELS = 1 << 26
 
@@ -127,6 +131,16 @@ class SegmentOptions:
             raise InputError(f"batch size {self.batch_size} must be >= 1.")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise InputError(f"precision {self.precision!r} is not one of auto, fp32, fp16, bf16.")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N (e.g. cuda:1).")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"workers {self.workers} must be >= 1.")
+        for name in ("mpp", "target_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(
+                    f"{name.replace('_', '-')} {value} must be a positive number of micrometres per pixel."
+                )
 
 
 @dataclass(frozen=True)
@@ -166,18 +180,8 @@ class _OutputPaths:
         return chosen
 
 
-def _resolve_device(device: str, precision: str) -> tuple[str, str]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
-    if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-    return device, precision
-
-
 def _prepare_out_dir(slide: Path, out_dir: Path | None) -> Path:
-    out_dir = out_dir or slide.parent
+    out_dir = (out_dir or slide.parent).absolute()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".wsi-espnet-write-test-{os.getpid()}"
@@ -224,6 +228,8 @@ def _run_key(slide: Path, model_sha: str, choice: LevelChoice, plan: TilePlan, o
         "batch_size": options.batch_size,
         "tissue": dataclasses.asdict(options.tissue),
         "mpp": options.mpp,
+        "device": options.device,
+        "precision": options.precision,
     }
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -298,7 +304,8 @@ def segment_slide(
     options = options or SegmentOptions()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    slide_path, model_path = Path(slide), Path(model_path)
+    # Absolute paths: workers on other machines or in other folders must find the same files.
+    slide_path, model_path = Path(slide).absolute(), Path(model_path).absolute()
     reader = open_slide(slide_path, backend=options.backend, mpp=options.mpp)  # type: ignore[arg-type]
     _, config = load_model(model_path)  # a full load: a bad checkpoint fails here, before any work starts
     model_sha = file_sha256(model_path)
@@ -310,7 +317,6 @@ def segment_slide(
         )
     choice = choose_level(reader, target_mpp, tolerance=options.mpp_tolerance)
     level0_mpp = choice.level_mpp / reader.level_downsamples[choice.level]  # choose_level needs an MPP
-    device, precision = _resolve_device(options.device, options.precision)
     out_dir = _prepare_out_dir(slide_path, options.out_dir)
     paths = _OutputPaths.for_slide(slide_path, out_dir)
     halo, halo_source = _halo(model_path, model_sha, options)
@@ -318,147 +324,170 @@ def segment_slide(
     run_key = _run_key(slide_path, model_sha, choice, plan, options)
     outputs = paths.requested(options.formats)
 
-    store = LabelStore(paths.zarr)
-    state = store.state()
-    if state is not None and not options.overwrite:
-        if state.get("run_key") != run_key:
-            raise InputError(
-                f"{paths.zarr} holds {'a finished' if state.get('status') == 'complete' else 'an interrupted'} run "
-                "with other inputs or settings; pass --overwrite to replace it, or --out for another folder."
-            )
-        if state.get("status") == "complete" and all(p.exists() for p in outputs.values()):
-            log(f"{paths.zarr} is already complete for these inputs and settings; nothing to do (--overwrite redoes).")
-            previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
-            return SegmentationResult(outputs, previous, skipped=True)
-    elif state is None and not options.overwrite:
-        existing = [str(p) for p in outputs.values() if p.exists()]
-        if existing:
-            raise InputError(
-                f"{', '.join(existing)} already exist(s) but no matching run store does; pass --overwrite to replace, "
-                "or --out for another folder."
-            )
-    resumed = state is not None and not options.overwrite
-    classes = label_classes_for(config)
-    effective_mpp = choice.level_mpp * choice.scale
-    checksum: dict[str, str] = {}
-    checksum_thread = threading.Thread(
-        target=lambda: checksum.update(sha256=input_sha256(slide_path)), name="slide-checksum", daemon=True
-    )
-    checksum_thread.start()
+    with run_lock(paths.zarr):
+        store = LabelStore(paths.zarr)
+        state = store.state()
+        if state is not None and not options.overwrite:
+            if state.get("run_key") != run_key:
+                raise InputError(
+                    f"{paths.zarr} holds {'a finished' if state.get('status') == 'complete' else 'an interrupted'} run "
+                    "with other inputs or settings; pass --overwrite to replace it, or --out for another folder."
+                )
+            if state.get("status") == "complete" and all(p.exists() for p in outputs.values()):
+                log(
+                    f"{paths.zarr} is already complete for these inputs and settings; nothing to do "
+                    "(--overwrite redoes it)."
+                )
+                previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
+                return SegmentationResult(outputs, previous, skipped=True)
+        elif state is None and not options.overwrite:
+            existing = [str(p) for p in outputs.values() if p.exists()]
+            if existing:
+                raise InputError(
+                    f"{', '.join(existing)} already exist(s) but no matching run store does; pass --overwrite to "
+                    "replace, or --out for another folder."
+                )
+        resumed = state is not None and not options.overwrite
+        classes = label_classes_for(config)
+        effective_mpp = choice.level_mpp * choice.scale
+        checksum: dict[str, str] = {}
+        checksum_thread = threading.Thread(
+            target=lambda: checksum.update(sha256=input_sha256(slide_path)), name="slide-checksum", daemon=True
+        )
+        checksum_thread.start()
 
-    t0 = time.perf_counter()
-    tissue = detect_tissue(reader, mpp=level0_mpp, options=options.tissue)
-    timings["tissue_detection"] = time.perf_counter() - t0
-    level0_per_target = effective_mpp / level0_mpp
-    s = level0_per_target
-    tissue_tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
-    if not resumed:
-        # Outputs of an earlier run must not sit beside a new, unfinished store looking complete.
-        for stale in (paths.ome_tiff, paths.geojson, paths.provenance, paths.tissue_png):
-            stale.unlink(missing_ok=True)
-        store = LabelStore.create(
-            paths.zarr, shape=plan.shape, chunk=options.chunk_size, tile_grid=plan.grid_shape, run_key=run_key,
-            attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
-        )  # fmt: skip
-    else:
-        store.mark_running()
-    _write_tissue_outputs(store, tissue, paths.tissue_png)
-    if not tissue_tiles:
-        log(f"no tissue found on {slide_path.name} (method {tissue.method}); writing an empty mask.")
+        t0 = time.perf_counter()
+        tissue = detect_tissue(reader, mpp=level0_mpp, options=options.tissue)
+        timings["tissue_detection"] = time.perf_counter() - t0
+        level0_per_target = effective_mpp / level0_mpp
+        s = level0_per_target
+        tissue_tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
+        was_complete = resumed and state is not None and state.get("status") == "complete"
+        try:
+            if not resumed:
+                # Outputs of an earlier run must not sit beside a new, unfinished store looking complete.
+                for stale in (paths.ome_tiff, paths.geojson, paths.provenance, paths.tissue_png):
+                    stale.unlink(missing_ok=True)
+                store = LabelStore.create(
+                    paths.zarr, shape=plan.shape, chunk=options.chunk_size, tile_grid=plan.grid_shape, run_key=run_key,
+                    attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
+                )  # fmt: skip
+            else:
+                store.mark_running()
+            _write_tissue_outputs(store, tissue, paths.tissue_png)
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        if not tissue_tiles:
+            log(f"no tissue found on {slide_path.name} (method {tissue.method}); writing an empty mask.")
 
-    done = store.done_tiles()
-    groups = [g for g in _tile_groups(tissue_tiles, options.batch_size) if not all(done[t.row, t.col] for t in g)]
-    tiles_resumed = sum(1 for t in tissue_tiles if done[t.row, t.col])
-    settings = InferenceSettings(str(model_path.resolve()), model_sha, device, precision, channels_last=True)
-    t0 = time.perf_counter()
-    model_seconds = read_seconds = 0.0
-    windows_run = 0
-    try:
-        with _dask_client(options) as client:
-            jobs = _TileJobs(reader, choice, tissue, level0_per_target, settings, paths.zarr)
-            results = _run_groups(
-                client, jobs, groups, total=len(tissue_tiles), done=tiles_resumed, show=options.progress,
-                description=f"segmenting ({tissue.fraction:.0%} tissue)",
+        done = store.done_tiles()
+        groups = [g for g in _tile_groups(tissue_tiles, options.batch_size) if not all(done[t.row, t.col] for t in g)]
+        tiles_resumed = sum(1 for t in tissue_tiles if done[t.row, t.col])
+        # "auto" device and precision are resolved on each worker, which may have a GPU the client lacks.
+        settings = InferenceSettings(str(model_path), model_sha, options.device, options.precision, channels_last=True)
+        t0 = time.perf_counter()
+        model_seconds = read_seconds = 0.0
+        windows_run = 0
+        try:
+            with _dask_client(options) as client:
+                jobs = _TileJobs(reader, choice, tissue, level0_per_target, settings, paths.zarr)
+                results = _run_groups(
+                    client, jobs, groups, total=len(tissue_tiles), done=tiles_resumed, show=options.progress,
+                    description=f"segmenting ({tissue.fraction:.0%} tissue)",
+                )  # fmt: skip
+                windows_run = sum(r.windows for r in results)
+                model_seconds = sum(r.model_seconds for r in results)
+                read_seconds = sum(r.read_seconds for r in results)
+                timings["inference"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                level_paths = build_label_pyramid(store.group("labels", CLASSES_LABEL, mode="r+"), min_size=256)
+                timings["pyramid"] = time.perf_counter() - t0
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+
+        t0 = time.perf_counter()
+        try:
+            write_ngff_label_metadata(
+                store.group(mode="r+"), label_name=CLASSES_LABEL, level_paths=level_paths, mpp=effective_mpp,
+                classes=classes,
             )  # fmt: skip
-            windows_run = sum(r.windows for r in results)
-            model_seconds = sum(r.model_seconds for r in results)
-            read_seconds = sum(r.read_seconds for r in results)
-            timings["inference"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            level_paths = build_label_pyramid(store.group("labels", CLASSES_LABEL, mode="r+"), min_size=256)
-            timings["pyramid"] = time.perf_counter() - t0
-    except OSError as exc:
-        raise _disk_error(exc, out_dir) from exc
+            levels = [store.labels(int(p)) for p in level_paths]
+            # A complete run asked for more formats keeps the files it already has.
+            if "ome-tiff" in options.formats and not (was_complete and paths.ome_tiff.exists()):
+                write_ome_tiff(levels, paths.ome_tiff, mpp=effective_mpp, classes=classes)
+            if "geojson" in options.formats and not (was_complete and paths.geojson.exists()):
+                index = next(
+                    (i for i, lvl in enumerate(levels) if lvl.shape[0] * lvl.shape[1] <= _GEOJSON_MAX_PIXELS), -1
+                )
+                write_geojson(levels[index], paths.geojson, downsample=level0_per_target * 2**index, classes=classes)
+            areas = _class_areas(store, classes, effective_mpp)
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        timings["outputs"] = time.perf_counter() - t0
+        checksum_thread.join()
+        timings["total"] = time.perf_counter() - started
 
-    t0 = time.perf_counter()
-    try:
-        write_ngff_label_metadata(
-            store.group(mode="r+"), label_name=CLASSES_LABEL, level_paths=level_paths, mpp=effective_mpp,
-            classes=classes,
-        )  # fmt: skip
-        levels = [store.labels(int(p)) for p in level_paths]
-        if "ome-tiff" in options.formats:
-            write_ome_tiff(levels, paths.ome_tiff, mpp=effective_mpp, classes=classes)
-        if "geojson" in options.formats:
-            index = next((i for i, lvl in enumerate(levels) if lvl.shape[0] * lvl.shape[1] <= _GEOJSON_MAX_PIXELS), -1)
-            write_geojson(levels[index], paths.geojson, downsample=level0_per_target * 2**index, classes=classes)
-        areas = _class_areas(store, classes, effective_mpp)
-    except OSError as exc:
-        raise _disk_error(exc, out_dir) from exc
-    timings["outputs"] = time.perf_counter() - t0
-    checksum_thread.join()
-    timings["total"] = time.perf_counter() - started
-
-    tissue_mm2 = sum(a for v, a in areas.items() if v != 0)
-    record: dict[str, Any] = {
-        "wsi_espnet_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "input": {
-            "path": str(slide_path.resolve()), "sha256": checksum.get("sha256"), "backend": reader.backend,
-            "vendor": reader.vendor, "level_shapes": reader.level_shapes, "mpp": reader.mpp,
-            "mpp_source": reader.mpp_source, "objective_power": reader.objective_power,
-        },
-        "model": {
-            "name": config.name, "path": str(model_path.resolve()), "sha256": model_sha, "variant": config.variant,
-            "num_classes": config.num_classes, "target_mpp": config.target_mpp,
-        },
-        "resolution": {
-            "target_mpp": target_mpp, "effective_mpp": effective_mpp, "level": choice.level,
-            "level_mpp": choice.level_mpp, "resampled": choice.resample, "scale": choice.scale,
-            "mask_shape": list(plan.shape),
-        },
-        "tiling": {
-            "tile_size": plan.tile_size, "halo": plan.halo, "halo_source": halo_source, "chunk": options.chunk_size,
-            "batch_size": options.batch_size, "tiles_total": len(plan), "tiles_with_tissue": len(tissue_tiles),
-            "tiles_resumed": tiles_resumed, "windows_run": windows_run,
-        },
-        "tissue": {
-            "method": tissue.method, "threshold": None if np.isnan(tissue.threshold) else tissue.threshold,
-            "mask_mpp": tissue.mpp, "detected_area_mm2": tissue.area_mm2(), "segmented_area_mm2": tissue_mm2,
-            "fraction": tissue.fraction,
-        },
-        "classes": [
-            {"value": c.value, "name": c.name, "color": list(c.color), "area_mm2": areas[c.value],
-             "fraction_of_tissue": areas[c.value] / tissue_mm2 if tissue_mm2 and c.value else None}
-            for c in classes
-        ],
-        "execution": {
-            "scheduler": options.scheduler or "local", "device": device, "precision": precision,
-            "model_forward_s": model_seconds, "read_s": read_seconds,
-        },
-        "timings_s": timings,
-        "versions": software_versions(),
-        "outputs": {name: str(path) for name, path in outputs.items()},
-    }  # fmt: skip
-    try:
-        if "provenance" in options.formats:
-            with replacing(paths.provenance) as partial:
-                partial.write_text(json.dumps(record, indent=2, default=str))
-        store.mark_complete(completed=record["created"])
-    except OSError as exc:
-        raise _disk_error(exc, out_dir) from exc
-    return SegmentationResult(outputs, record)
+        tissue_mm2 = sum(a for v, a in areas.items() if v != 0)
+        record: dict[str, Any] = {
+            "wsi_espnet_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "input": {
+                "path": str(slide_path.resolve()), "sha256": checksum.get("sha256"), "backend": reader.backend,
+                "vendor": reader.vendor, "level_shapes": reader.level_shapes, "mpp": reader.mpp,
+                "mpp_source": reader.mpp_source, "objective_power": reader.objective_power,
+            },
+            "model": {
+                "name": config.name, "path": str(model_path.resolve()), "sha256": model_sha, "variant": config.variant,
+                "num_classes": config.num_classes, "target_mpp": config.target_mpp,
+            },
+            "resolution": {
+                "target_mpp": target_mpp, "effective_mpp": effective_mpp, "level": choice.level,
+                "level_mpp": choice.level_mpp, "resampled": choice.resample, "scale": choice.scale,
+                "mask_shape": list(plan.shape),
+            },
+            "tiling": {
+                "tile_size": plan.tile_size, "halo": plan.halo, "halo_source": halo_source, "chunk": options.chunk_size,
+                "batch_size": options.batch_size, "tiles_total": len(plan), "tiles_with_tissue": len(tissue_tiles),
+                "tiles_resumed": tiles_resumed, "windows_run": windows_run,
+            },
+            "tissue": {
+                "method": tissue.method, "threshold": None if np.isnan(tissue.threshold) else tissue.threshold,
+                "mask_mpp": tissue.mpp, "detected_area_mm2": tissue.area_mm2(), "segmented_area_mm2": tissue_mm2,
+                "fraction": tissue.fraction,
+            },
+            "classes": [
+                {"value": c.value, "name": c.name, "color": list(c.color), "area_mm2": areas[c.value],
+                 "fraction_of_tissue": areas[c.value] / tissue_mm2 if tissue_mm2 and c.value else None}
+                for c in classes
+            ],
+            "execution": {
+                "scheduler": options.scheduler or "local",
+                "device": sorted({r.device for r in results}) or [options.device],
+                "precision": sorted({r.precision for r in results}) or [options.precision],
+                "model_forward_s": model_seconds, "read_s": read_seconds,
+            },
+            "timings_s": timings,
+            "versions": software_versions(),
+            "outputs": {name: str(path) for name, path in outputs.items()},
+        }  # fmt: skip
+        if was_complete and paths.provenance.is_file():
+            # The original record describes how the mask was made; only the list of outputs grows.
+            record = {
+                **json.loads(paths.provenance.read_text()),
+                "outputs": record["outputs"],
+                "updated": record["created"],
+            }
+        try:
+            # The store is marked complete before the provenance appears: a provenance file is only ever
+            # next to a complete store (a kill in between leaves it missing, and a rerun writes it).
+            store.mark_complete(completed=record["created"])
+            if "provenance" in options.formats:
+                with replacing(paths.provenance) as partial:
+                    partial.write_text(json.dumps(record, indent=2, default=str))
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        return SegmentationResult(outputs, record)
 
 
 @dataclass(frozen=True)
@@ -497,6 +526,14 @@ def _run_groups(
     """Submit the tile groups with a bounded number in flight; update the progress bar as they finish."""
     results: list[TileGroupResult] = []
     pending = iter(groups)
+    if groups and not client.nthreads():
+        try:
+            client.wait_for_workers(1, timeout=_WORKER_WAIT_S)
+        except TimeoutError as exc:
+            raise InputError(
+                f"no Dask worker joined the scheduler within {_WORKER_WAIT_S} s; start workers (or check the "
+                "cluster), then rerun the same command to resume."
+            ) from exc
     in_flight = max(2, 2 * sum(client.nthreads().values()))
     futures = as_completed([jobs.submit(client, g) for g in _take(pending, in_flight)])
     with tqdm(
@@ -506,6 +543,17 @@ def _run_groups(
         for future in futures:
             try:
                 result: TileGroupResult = future.result()
+            except KilledWorker as exc:
+                client.cancel(list(futures.futures))
+                raise InputError(
+                    "a Dask worker died while segmenting (most often it ran out of memory); lower --tile-size or "
+                    "--batch-size, or give workers more memory, then rerun the same command to resume."
+                ) from exc
+            except torch.OutOfMemoryError as exc:
+                client.cancel(list(futures.futures))
+                raise InputError(
+                    "the GPU ran out of memory; lower --batch-size or --tile-size, then rerun the command to resume."
+                ) from exc
             except Exception:
                 client.cancel(list(futures.futures))
                 raise

@@ -23,6 +23,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from wsi_espnet.errors import InputError
 from wsi_espnet.inference.predict import predict_logits, preprocess
 from wsi_espnet.models.checkpoint_io import load_model
 from wsi_espnet.models.config import ModelConfig
@@ -68,16 +69,35 @@ class TileGroupResult:
 
     tiles: tuple[tuple[int, int], ...]
     windows: int
+    device: str
+    precision: str
     model_seconds: float
     read_seconds: float
 
 
+def resolve_device(device: str, precision: str) -> tuple[str, str]:
+    """Turn "auto" into this process's device ("cuda" when a GPU is visible) and precision (fp16 on CUDA)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise InputError(
+                f"device {device!r} was asked for but this worker has {torch.cuda.device_count()} CUDA GPU(s); "
+                "use --device cpu or auto."
+            )
+    if precision == "auto":
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+    return device, precision
+
+
 def cached_model(settings: InferenceSettings) -> tuple[nn.Module, ModelConfig]:
     """The settings' model, loaded once per process and kept in eval mode on its device."""
-    key = (settings.model_path, settings.model_sha256, settings.device, settings.channels_last)
+    device, _ = resolve_device(settings.device, settings.precision)
+    key = (settings.model_path, settings.model_sha256, device, settings.channels_last)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            model, config = load_model(settings.model_path, device=settings.device)
+            model, config = load_model(settings.model_path, device=device)
             if settings.channels_last:
                 model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             _MODELS[key] = (model.eval(), config)
@@ -92,8 +112,9 @@ def infer_windows(
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, window in enumerate(windows):
         by_shape.setdefault(window.shape, []).append(index)
-    device_type = torch.device(settings.device).type
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.precision)
+    device, precision = resolve_device(settings.device, settings.precision)
+    device_type = torch.device(device).type
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     for indices in by_shape.values():
         batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
         if settings.channels_last:
@@ -163,4 +184,7 @@ def segment_tile_group(
         if mask is not None:
             labels[~mask] = NO_TISSUE
         store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
-    return TileGroupResult(tuple((t.row, t.col) for t in tiles), len(windows), model_seconds, read_seconds)
+    device, precision = resolve_device(settings.device, settings.precision)
+    return TileGroupResult(
+        tuple((t.row, t.col) for t in tiles), len(windows), device, precision, model_seconds, read_seconds
+    )
