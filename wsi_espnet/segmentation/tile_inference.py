@@ -8,7 +8,7 @@ the real slide border, the stitched mask equals whole-image inference wherever t
 receptive field that matters.
 
 The model is loaded once per worker process (cached by weights hash and device), not shipped with
-each task; a per-process lock lets one task run the model while others read and write.
+each task; one model thread per process runs every forward pass while Dask's threads read and write.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,21 @@ __all__ = [
 
 _MODELS: dict[tuple[str, str, str, bool], tuple[nn.Module, ModelConfig]] = {}
 _MODELS_LOCK = threading.Lock()
-_INFERENCE_LOCK = threading.Lock()
+_MODEL_THREAD: ThreadPoolExecutor | None = None
+
+
+def _model_thread() -> ThreadPoolExecutor:
+    """The one thread per process that runs the model.
+
+    Tasks read and write on Dask's threads, but every forward pass runs here, one at a time: memory
+    stays that of one pass (the allocator does not grow a large arena per calling thread, which took
+    a 40k x 40k slide from 1.9 to 3.3 GB peak), and torch keeps a single OpenMP thread team.
+    """
+    global _MODEL_THREAD
+    with _MODELS_LOCK:
+        if _MODEL_THREAD is None:
+            _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-espnet-model")
+        return _MODEL_THREAD
 
 
 @dataclass(frozen=True)
@@ -174,10 +189,13 @@ def segment_tile_group(
     windows = [read_window(reader, choice, t) for t in unique.values()]
     read_seconds = time.perf_counter() - start
     model, config = cached_model(settings)
-    with _INFERENCE_LOCK:
-        start = time.perf_counter()
-        predictions = dict(zip(unique, infer_windows(model, config, windows, settings), strict=True))
-        model_seconds = time.perf_counter() - start
+
+    def run_model() -> tuple[list[NDArray[np.uint8]], float]:
+        began = time.perf_counter()
+        return infer_windows(model, config, windows, settings), time.perf_counter() - began
+
+    labels_per_window, model_seconds = _model_thread().submit(run_model).result()
+    predictions = dict(zip(unique, labels_per_window, strict=True))
     store = LabelStore(store_path)
     for tile, mask in zip(tiles, tissue, strict=True):
         labels = predictions[window_key(tile)][tile.crop] + np.uint8(1)
