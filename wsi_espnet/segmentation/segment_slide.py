@@ -360,8 +360,11 @@ def segment_slide(
         tissue = detect_tissue(reader, mpp=level0_mpp, options=options.tissue)
         timings["tissue_detection"] = time.perf_counter() - t0
         level0_per_target = effective_mpp / level0_mpp
-        s = level0_per_target
-        tissue_tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
+        tissue_tiles = [
+            t
+            for t in plan
+            if tissue.region_fraction(*(v * level0_per_target for v in (t.top, t.left, t.height, t.width))) > 0
+        ]
         was_complete = resumed and state is not None and state.get("status") == "complete"
         try:
             if not resumed:
