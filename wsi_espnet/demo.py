@@ -7,7 +7,6 @@ OpenSlide test-data site into the cache, its SHA-256 checked before use.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import InputError
+from wsi_espnet.models.checkpoint_io import file_sha256
 
 __all__ = ["SAMPLE_SHA256", "SAMPLE_URL", "cache_dir", "demo_model", "sample_slide"]
 
@@ -35,14 +35,10 @@ def _data_dir() -> Path:
     return Path(os.environ.get("WSI_ESPNET_TEST_DATA", Path("..") / "shared" / "data"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def sample_slide(*, url: str = SAMPLE_URL, log: Callable[[str], None] = print) -> Path:
     """Path of ``CMU-1-Small-Region.svs``: local copy if present, else downloaded (checksum verified)."""
     for candidate in (_data_dir() / "slides" / SAMPLE_NAME, cache_dir() / SAMPLE_NAME):
-        if candidate.is_file() and _sha256(candidate) == SAMPLE_SHA256:
+        if candidate.is_file() and file_sha256(candidate) == SAMPLE_SHA256:
             return candidate
     target = cache_dir() / SAMPLE_NAME
     log(f"downloading the CC0 sample slide {SAMPLE_NAME} (1.9 MB) from {url} to {target}")
@@ -50,7 +46,7 @@ def sample_slide(*, url: str = SAMPLE_URL, log: Callable[[str], None] = print) -
         target.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response, replacing(target) as partial:
             partial.write_bytes(response.read())
-            if _sha256(partial) != SAMPLE_SHA256:
+            if file_sha256(partial) != SAMPLE_SHA256:
                 raise InputError(f"the download from {url} does not have the expected SHA-256; not using it.")
     except (urllib.error.URLError, OSError) as exc:
         raise InputError(

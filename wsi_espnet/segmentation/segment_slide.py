@@ -34,6 +34,7 @@ import torch
 from distributed import Client, KilledWorker, LocalCluster, as_completed
 from numpy.typing import NDArray
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 from wsi_espnet import __version__
@@ -195,7 +196,7 @@ def _prepare_out_dir(slide: Path, out_dir: Path | None) -> Path:
     return out_dir
 
 
-def _halo(model_path: Path, sha256: str, options: SegmentOptions) -> tuple[int, str]:
+def _halo(model: nn.Module, sha256: str, options: SegmentOptions) -> tuple[int, str]:
     if options.halo is not None:
         return options.halo, "given"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsi-espnet" / "halo.json"
@@ -204,7 +205,6 @@ def _halo(model_path: Path, sha256: str, options: SegmentOptions) -> tuple[int, 
         cached = json.loads(cache.read_text())
         if isinstance(cached.get(key), int):
             return int(cached[key]), f"effective receptive field ({DEFAULT_HALO_MASS:.0%} of gradient mass)"
-    model, _ = load_model(model_path)
     halo = halo_for(model)
     with contextlib.suppress(OSError, ValueError):
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def segment_slide(
     # Absolute paths: workers on other machines or in other folders must find the same files.
     slide_path, model_path = Path(slide).absolute(), Path(model_path).absolute()
     reader = open_slide(slide_path, backend=options.backend, mpp=options.mpp)  # type: ignore[arg-type]
-    _, config = load_model(model_path)  # a full load: a bad checkpoint fails here, before any work starts
+    model, config = load_model(model_path)  # a full load: a bad checkpoint fails here, before any work starts
     model_sha = file_sha256(model_path)
     target_mpp = options.target_mpp or config.target_mpp
     if target_mpp is None:
@@ -319,7 +319,8 @@ def segment_slide(
     level0_mpp = choice.level_mpp / reader.level_downsamples[choice.level]  # choose_level needs an MPP
     out_dir = _prepare_out_dir(slide_path, options.out_dir)
     paths = _OutputPaths.for_slide(slide_path, out_dir)
-    halo, halo_source = _halo(model_path, model_sha, options)
+    halo, halo_source = _halo(model, model_sha, options)
+    del model  # workers load their own copy; the client needs it only for the halo
     plan = plan_tiles(choice.target_shape, tile_size=options.tile_size, halo=halo)
     run_key = _run_key(slide_path, model_sha, choice, plan, options)
     outputs = paths.requested(options.formats)
