@@ -137,6 +137,98 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from wsi_espnet.inference.predict_images import predict_image_files
+    from wsi_espnet.models import load_model
+    from wsi_espnet.segmentation.tile_inference import resolve_device
+
+    device, _ = resolve_device(args.device, "fp32")
+    model, config = load_model(args.model or _default_model(), device=device)
+    if config.target_mpp is not None and args.mpp is None:
+        _log(f"the model expects {config.target_mpp:g} um/px; images are used as they are (pass --mpp to resample)")
+    for result in predict_image_files(model, config, args.images, args.out, mpp=args.mpp, alpha=args.alpha):
+        shares = sorted(zip(result.class_fractions, config.class_names, strict=True), reverse=True)
+        classes = ", ".join(f"{name} {share:.1%}" for share, name in shares if share >= 0.0005)
+        resampled = f" (segmented at x{result.scale:.3g})" if result.scale != 1.0 else ""
+        print(f"{result.source}: {result.labels_path}, {result.overlay_path}{resampled}; {classes}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from wsi_espnet.training.recipe import load_recipe
+    from wsi_espnet.training.train import TrainOptions, train
+
+    recipe = load_recipe(args.recipe).replace(
+        stages=None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()],
+        encoder_epochs=args.encoder_epochs,
+        decoder_epochs=args.decoder_epochs,
+        batch_size=args.batch_size,
+        crop_size=args.crop,
+        samples_per_epoch=args.samples_per_epoch,
+        lr=args.lr,
+        init=None if args.init is None else str(args.init),
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    out = args.out or Path("runs") / (args.name or args.manifest.stem)
+    options = TrainOptions(
+        manifest=args.manifest,
+        out=out,
+        recipe=recipe,
+        name=args.name,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        tensorboard=args.tensorboard,
+    )
+    result = train(options, log=_log)
+    val = result.metrics["evaluations"].get("val")
+    if val is not None:
+        from wsi_espnet.evaluation import format_metrics_table
+
+        print(f"validation of {result.model_path}:")
+        print(format_metrics_table(val))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from wsi_espnet.datasets.manifest import load_manifest
+    from wsi_espnet.evaluation import format_metrics_table
+    from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
+    from wsi_espnet.models import load_model
+    from wsi_espnet.training.train import resolve_device
+
+    manifest = load_manifest(args.manifest)
+    manifest.check_split(args.split)
+    model, config = load_model(args.model or _default_model(), num_classes=args.num_classes)
+    model = model.to(resolve_device(args.device))
+    confusion = evaluate_split(model, config, manifest, args.split, progress=not args.quiet)
+    out = args.out or Path(".")
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{config.name}_{manifest.name}_"
+    metrics = write_evaluation(
+        confusion, config, manifest, args.split, out, prefix=prefix, extra={"model": str(args.model or "packaged")}
+    )
+    print(f"{config.name} on {manifest.name} / {args.split} (one confusion matrix over every pixel, ignore excluded):")
+    print(format_metrics_table(metrics))
+    print(f"wrote {out / f'{prefix}evaluation_{args.split}.json'} and {out / f'{prefix}confusion_{args.split}.png'}")
+    return 0
+
+
+def _crop(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512)") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512)")
+    return values[0], values[1]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from wsi_espnet.demo import demo_model, sample_slide
     from wsi_espnet.segmentation.segment_slide import segment_slide
@@ -232,6 +324,47 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint (default: packaged)")
     _add_segment_options(segment)
     segment.set_defaults(run=_cmd_segment)
+
+    predict = commands.add_parser("predict", help="segment ordinary image files into label and overlay PNGs")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG, JPEG or TIFF image files")
+    predict.add_argument("--model", type=Path, default=None, help=".safetensors or .pth checkpoint (default: packaged)")
+    predict.add_argument("--out", type=Path, required=True, help="output folder for NAME.labels.png, NAME.overlay.png")
+    predict.add_argument("--mpp", type=float, default=None, help="the images' um/px (resampled to the model's)")
+    predict.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.set_defaults(run=_cmd_predict)
+
+    train = commands.add_parser("train", help="train ESPNet on a dataset manifest with MONAI engines")
+    train.add_argument("manifest", type=Path, help="dataset manifest (.yaml), e.g. data_manifests/camvid.yaml")
+    train.add_argument("--recipe", default=None, help="recipe YAML or packaged name (default: paper)")
+    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")
+    train.add_argument("--name", default=None, help="model name (default: espnet-MANIFEST)")
+    train.add_argument("--init", type=Path, default=None, help="start from these weights (any class set)")
+    train.add_argument("--stages", default=None, help="encoder,decoder (paper), encoder or decoder")
+    train.add_argument("--encoder-epochs", type=int, default=None)
+    train.add_argument("--decoder-epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--crop", type=_crop, default=None, metavar="HxW", help="training crop, e.g. 512x512")
+    train.add_argument("--samples-per-epoch", type=int, default=None, help="draw this many crops per epoch")
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--num-workers", type=int, default=None, help="data loader processes (default 0)")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    train.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+    train.add_argument("--tensorboard", action="store_true", help="also log to OUT/<stage>/tensorboard")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="per-class IoU, mIoU and pixel accuracy on a manifest split")
+    evaluate.add_argument("manifest", type=Path, help="dataset manifest (.yaml)")
+    evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
+    evaluate.add_argument("--model", type=Path, default=None, help=".safetensors or original .pth (default: packaged)")
+    evaluate.add_argument("--num-classes", type=int, default=None, help="for original .pth files")
+    evaluate.add_argument("--out", type=Path, default=None, help="folder for the JSON and PNG (default: here)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_cmd_evaluate)
 
     info = commands.add_parser("info", help="describe a slide: vendor, levels, MPP, associated images")
     info.add_argument("slide", type=Path)

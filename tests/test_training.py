@@ -1,0 +1,189 @@
+"""Short real training runs on the breast data: MONAI engines, checkpoints, resume, fine-tuning, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_espnet.cli import main
+from wsi_espnet.datasets.manifest import load_manifest
+from wsi_espnet.errors import ConfigError, InputError
+from wsi_espnet.evaluation.evaluate import evaluate_split
+from wsi_espnet.models import load_model
+from wsi_espnet.training.recipe import TrainingRecipe, load_recipe
+from wsi_espnet.training.statistics import paper_class_weights
+from wsi_espnet.training.train import TrainOptions, train
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "data_manifests"
+BREAST = MANIFESTS / "breast-tumour.yaml"
+
+# Tiny but real: 64-px crops of the real regions, a few iterations per epoch.
+TINY = TrainingRecipe(
+    stages=("decoder",),
+    decoder_epochs=3,
+    encoder_epochs=2,
+    batch_size=4,
+    crop_size=(64, 64),
+    samples_per_epoch=12,
+    scale_range=(0.8, 1.25),
+    lr=2e-3,
+    lr_step=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _data(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSI_ESPNET_TEST_DATA", str(shared_data))
+
+
+def _history(folder: Path) -> list[dict[str, str]]:
+    with (folder / "history.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run(out: Path, recipe: TrainingRecipe = TINY, **options: object) -> None:
+    train(TrainOptions(manifest=BREAST, out=out, recipe=recipe, progress=False, **options), log=lambda _: None)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("two-stage")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WSI_ESPNET_TEST_DATA", str(shared_data))
+        _run(out, TINY.replace(stages=["encoder", "decoder"], encoder_epochs=2, decoder_epochs=4))
+    return out
+
+
+def test_paper_class_weights_follow_the_formula():
+    weights = paper_class_weights(np.array([0.9, 0.1, 0.0]))
+    np.testing.assert_allclose(weights, 1 / np.log(1.10 + np.array([0.9, 0.1, 0.0])))
+    assert weights[2] > weights[1] > weights[0]  # rarer classes weigh more
+
+
+def test_two_stage_run_learns_and_writes_everything(two_stage_run: Path):
+    for name in ("run.json", "statistics.json", "model.safetensors", "metrics.json", "model_card.md"):
+        assert (two_stage_run / name).is_file(), name
+    assert (two_stage_run / "confusion_val.png").is_file()
+    assert (two_stage_run / "evaluation_test.json").is_file()  # the held-out BCSS tiles
+    encoder = _history(two_stage_run / "encoder")
+    decoder = _history(two_stage_run / "decoder")
+    assert [int(r["epoch"]) for r in encoder] == [1, 2]
+    assert [int(r["epoch"]) for r in decoder] == [1, 2, 3, 4]
+    assert float(decoder[-1]["loss"]) < float(decoder[0]["loss"])  # it learns
+    assert all(r["val_mean_iou"] for r in decoder)
+    stats = json.loads((two_stage_run / "statistics.json").read_text())
+    assert set(stats["class_pixels"]) == {"other tissue", "tumour"}
+    assert all(n > 0 for n in stats["class_pixels"].values())
+    # The second stage starts from the first stage's encoder.
+    encoder_model, encoder_config = load_model(two_stage_run / "encoder" / "best.safetensors")
+    final, config = load_model(two_stage_run / "model.safetensors")
+    assert encoder_config.variant == "espnet-c"
+    assert config.variant == "espnet"
+    assert config.target_mpp == 1.0
+    assert config.class_names == ("other tissue", "tumour")
+    card = (two_stage_run / "model_card.md").read_text()
+    for text in ("other tissue", "tumour", "1.0", "mean IoU", "Hardware", "CC0"):
+        assert text in card
+
+
+def test_reloaded_checkpoint_predicts_exactly_what_training_validated(two_stage_run: Path):
+    """The evaluator's confusion matrix (in-memory network, during training) equals the one of the reloaded file."""
+    best = json.loads((two_stage_run / "decoder" / "best.json").read_text())
+    model, config = load_model(two_stage_run / "model.safetensors")
+    confusion = evaluate_split(model, config, load_manifest(BREAST), "val")
+    assert confusion.matrix.tolist() == best["confusion_matrix"]
+
+
+def test_resume_after_a_crash_continues_from_the_saved_epoch_and_matches(tmp_path: Path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    _run(straight)
+
+    def crash_in_epoch_2(message: str) -> None:
+        if message.startswith("epoch 2/"):
+            raise KeyboardInterrupt  # after epoch 2's history row, before its state is saved
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainOptions(manifest=BREAST, out=crashed, recipe=TINY, progress=False), log=crash_in_epoch_2)
+    assert not (crashed / "model.safetensors").exists()
+    assert not (crashed / "decoder" / "done.json").exists()
+    messages: list[str] = []
+    train(TrainOptions(manifest=BREAST, out=crashed, recipe=TINY, progress=False, resume=True), log=messages.append)
+    assert any("resuming after epoch 1" in m for m in messages)
+    assert not any(m.startswith("epoch 1/") for m in messages)  # epoch 1 is not trained again
+    rows = _history(crashed / "decoder")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["iteration"]) for r in rows] == [3, 6, 9]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _history(straight / "decoder")]
+    a, _ = load_model(straight / "model.safetensors")
+    b, _ = load_model(crashed / "model.safetensors")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_fine_tuning_an_original_cityscapes_checkpoint_to_two_classes(tmp_path: Path, original_weights: Path):
+    messages: list[str] = []
+    recipe = TINY.replace(decoder_epochs=1, init=str(original_weights / "decoder_espnet_p_2_q_3.pth"))
+    train(TrainOptions(manifest=BREAST, out=tmp_path / "ft", recipe=recipe, progress=False), log=messages.append)
+    transfer = next(m for m in messages if "initialised anew" in m)
+    copied, fresh = (int(w) for w in transfer.split(": ", 1)[1].split() if w.isdigit())
+    assert copied > 100
+    assert fresh > 0  # the 20-class layers
+    model, config = load_model(tmp_path / "ft" / "model.safetensors")
+    original, original_config = load_model(original_weights / "decoder_espnet_p_2_q_3.pth")
+    assert config.num_classes == 2
+    assert config.preprocessing == original_config.preprocessing  # the weights' own normalisation is kept
+    assert config.alpha3 == 3
+
+
+def test_recipes_load_and_reject_mistakes(tmp_path: Path):
+    paper = load_recipe()
+    assert (paper.lr, paper.weight_decay, paper.stages) == (5e-4, 5e-4, ("encoder", "decoder"))
+    assert load_recipe("camvid-finetune").stages == ("decoder",)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown recipe settings \\['learning_rate'\\]"):
+        load_recipe(bad)
+    with pytest.raises(InputError, match="packaged recipes"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        TINY.replace(crop_size=[60, 64])
+    with pytest.raises(ConfigError, match="stages"):
+        TINY.replace(stages=["decoder", "encoder"])
+
+
+def test_train_cli_refuses_to_mix_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "run"
+    args = ["train", str(BREAST), "--out", str(out), "--stages", "decoder", "--decoder-epochs", "1"]
+    args += ["--crop", "64", "--samples-per-epoch", "4", "--batch-size", "4", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mean IoU" in printed
+    assert main(args) == 2
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main([*args, "--resume", "--lr", "0.01"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished stages are skipped
+    assert main(["train", str(BREAST), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_cli_writes_json_and_png(two_stage_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    model = two_stage_run / "model.safetensors"
+    code = main(["evaluate", str(BREAST), "--split", "test", "--model", str(model), "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tumour" in printed
+    assert "mean IoU" in printed
+    report = json.loads(next(tmp_path.glob("*evaluation_test.json")).read_text())
+    assert report["split"] == "test"
+    assert len(report["classes"]) == 2
+    assert next(tmp_path.glob("*confusion_test.png")).stat().st_size > 0
+    assert main(["evaluate", str(BREAST), "--split", "nope", "--model", str(model)]) == 2
+    assert "has no split 'nope'" in capsys.readouterr().err

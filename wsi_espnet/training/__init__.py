@@ -1,0 +1,1 @@
+"""Where models are trained: recipes, MONAI transforms and engines, statistics, model cards."""

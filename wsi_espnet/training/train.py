@@ -1,0 +1,395 @@
+"""``wsi-espnet train``: a manifest and a recipe in, a trained model with metrics and a model card out.
+
+Run folder layout::
+
+    OUT/run.json              manifest (path + SHA-256), resolved recipe, model name: a resume must match it
+    OUT/statistics.json       exact class pixel counts, mean/std, the class weights used
+    OUT/<stage>/state/        MONAI CheckpointSaver: network, optimiser, LR schedule, trainer (every epoch)
+    OUT/<stage>/history.csv   per-epoch loss, val mIoU, pixel accuracy, learning rate, seconds
+    OUT/<stage>/best.*        best model by val mIoU (.safetensors with its ModelConfig) and its metrics
+    OUT/<stage>/done.json     written when the stage has finished
+    OUT/model.safetensors     the final model (best of the last stage)
+    OUT/metrics.json, OUT/confusion_<split>.png, OUT/model_card.md
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.utils import set_determinism
+from torch import nn
+
+from wsi_espnet import __version__
+from wsi_espnet.atomic_files import replacing
+from wsi_espnet.datasets.manifest import DatasetManifest, load_manifest
+from wsi_espnet.datasets.samples import list_samples
+from wsi_espnet.errors import InputError
+from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
+from wsi_espnet.models.checkpoint_io import file_sha256, load_model
+from wsi_espnet.models.config import ModelConfig, Preprocessing
+from wsi_espnet.models.espnet import build_espnet
+from wsi_espnet.models.registry import get_model_config
+from wsi_espnet.training.engine import PrepareBatch, SegmentationLoss, build_stage_engines, latest_state_file
+from wsi_espnet.training.model_card import write_model_card
+from wsi_espnet.training.recipe import Stage, TrainingRecipe
+from wsi_espnet.training.statistics import DatasetStatistics, compute_statistics, paper_class_weights
+from wsi_espnet.training.transforms import eval_transforms, train_transforms
+
+__all__ = ["TrainOptions", "TrainResult", "resolve_device", "train", "transfer_weights"]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    manifest: Path
+    out: Path
+    recipe: TrainingRecipe
+    name: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path
+    metrics: dict[str, Any]
+    seconds: float
+    stages_run: tuple[str, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a named device that is missing is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu or auto.")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name!r} is not a device name; use auto, cpu or cuda[:N].") from exc
+
+
+def transfer_weights(source: dict[str, torch.Tensor], target: nn.Module) -> tuple[list[str], list[str]]:
+    """Copy every tensor of ``source`` whose name (with or without the ``encoder.`` prefix) and shape
+    fit ``target``; return (copied, left at their fresh initialisation) parameter names."""
+    state = target.state_dict()
+    copied, fresh = [], []
+    for key, tensor in state.items():
+        for candidate in (key, key.removeprefix("encoder."), f"encoder.{key}"):
+            if candidate in source and source[candidate].shape == tensor.shape:
+                state[key] = source[candidate].to(tensor.dtype)
+                copied.append(key)
+                break
+        else:
+            fresh.append(key)
+    target.load_state_dict(state)
+    return copied, fresh
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+
+
+def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> None:
+    out = options.out
+    record_path = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a folder for the run.")
+    if out.is_dir() and any(out.iterdir()):
+        if options.overwrite:
+            if not record_path.is_file():
+                raise InputError(
+                    f"--out {str(out)!r} is not empty and holds no training run; refusing to delete it. "
+                    "Give an empty or new folder."
+                )
+            shutil.rmtree(out)
+        elif options.resume:
+            if not record_path.is_file():
+                raise InputError(f"--resume: {str(out)!r} holds no training run (no run.json).")
+            saved = json.loads(record_path.read_text())
+            keys = ("manifest_sha256", "recipe", "name")
+            changed = [k for k in keys if saved.get(k) != run_record.get(k)]
+            if changed:
+                raise InputError(
+                    f"--resume: the run in {str(out)!r} was started with a different {', '.join(changed)}; "
+                    "resume with the same manifest and settings, or start a new run in another folder."
+                )
+            return
+        else:
+            raise InputError(
+                f"{str(out)!r} already holds a run; pass --resume to continue it or --overwrite to start again."
+            )
+    elif options.resume:
+        raise InputError(f"--resume: there is no run in {str(out)!r} to continue.")
+    out.mkdir(parents=True, exist_ok=True)
+    with replacing(record_path) as tmp:
+        tmp.write_text(json.dumps(run_record, indent=2))
+
+
+def _statistics(
+    manifest: DatasetManifest, samples: list[Any], out: Path, log: Callable[[str], None]
+) -> DatasetStatistics:
+    path = out / "statistics.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        pixels = np.array([data["class_pixels"][n] for n in manifest.class_names], dtype=np.int64)
+        return DatasetStatistics(pixels, tuple(data["mean_255"]), tuple(data["std_255"]))
+    started = time.perf_counter()
+    stats = compute_statistics(manifest, samples)
+    log(
+        "class pixel shares (train, exact): "
+        + ", ".join(f"{n} {p:.3%}" for n, p in zip(manifest.class_names, stats.frequencies, strict=True))
+        + f"  ({time.perf_counter() - started:.1f} s)"
+    )
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(stats.to_dict(manifest.class_names), indent=2))
+    return stats
+
+
+def _truncate_history(folder: Path, epoch: int) -> None:
+    history = folder / "history.csv"
+    if not history.is_file():
+        return
+    with history.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [r for r in rows if int(r["epoch"]) <= epoch]
+    with replacing(history) as tmp, tmp.open("w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def _switch(value: str, device: torch.device) -> bool:
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) every stage of ``options.recipe`` on ``options.manifest``."""
+    started = time.perf_counter()
+    recipe = options.recipe
+    manifest = load_manifest(options.manifest)
+    device = resolve_device(options.device)
+    name = options.name or f"espnet-{manifest.name}"
+    run_record = {
+        "name": name,
+        "manifest": str(manifest.path),
+        "manifest_sha256": file_sha256(manifest.path),
+        "recipe": recipe.to_dict(),
+        "wsi_espnet": __version__,
+        "torch": torch.__version__,
+    }
+    train_samples = list_samples(manifest, "train")
+    val_samples = list_samples(manifest, "val")
+    init_model: tuple[nn.Module, ModelConfig] | None = None
+    if recipe.init is not None:
+        init_model = load_model(recipe.init)
+    _prepare_folder(options, run_record)
+    log(f"{manifest.name}: {len(train_samples)} train and {len(val_samples)} val samples; device {device}")
+
+    stats = _statistics(manifest, train_samples, options.out, log)
+    ignore = manifest.ignore_index if manifest.ignore_index is not None else 255
+    weights = paper_class_weights(stats.frequencies) if recipe.class_weighting == "paper" else None
+    if init_model is not None:
+        preprocessing = init_model[1].preprocessing  # the weights learned this normalisation
+    elif manifest.normalisation is not None:
+        preprocessing = manifest.normalisation
+    else:
+        preprocessing = Preprocessing(mean=stats.mean, std=stats.std)  # type: ignore[arg-type]
+
+    cache_on_device = _switch(recipe.cache_on_device, device)
+    channels_last = _switch(recipe.channels_last, device)
+    amp = _switch(recipe.amp, device)
+    set_determinism(seed=recipe.seed)
+    train_ds = CacheDataset(
+        [{"sample": s} for s in train_samples],
+        transform=train_transforms(
+            manifest,
+            crop_size=recipe.crop_size,
+            scale_range=recipe.scale_range,
+            ignore_index=ignore,
+            device=device if cache_on_device else None,
+        ),
+        progress=False,
+    )
+    val_ds = CacheDataset([{"sample": s} for s in val_samples], transform=eval_transforms(manifest), progress=False)
+    generator = torch.Generator()
+    num_samples = recipe.samples_per_epoch or len(train_ds)
+    sampler = torch.utils.data.RandomSampler(
+        train_ds, replacement=recipe.samples_per_epoch is not None, num_samples=num_samples, generator=generator
+    )
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=recipe.batch_size,
+        sampler=sampler,
+        num_workers=0 if cache_on_device else recipe.num_workers,
+        drop_last=num_samples >= recipe.batch_size,
+    )
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
+
+    def epoch_started(engine: Any) -> None:
+        epoch_seed = recipe.seed * 100_003 + engine.state.epoch
+        generator.manual_seed(epoch_seed)
+        train_ds.transform.set_random_state(seed=epoch_seed % (2**32))
+
+    stages_run: list[Stage] = []
+    previous_best: Path | None = None
+    final_path = options.out / "model.safetensors"
+    hardware = _hardware(device)
+    stage_summaries: dict[str, Any] = {}
+    for index, stage in enumerate(recipe.stages):
+        folder = options.out / stage
+        folder.mkdir(exist_ok=True)
+        variant = "espnet-c" if stage == "encoder" else "espnet"
+        # Fine-tuning keeps the architecture of the weights it starts from (depth, decoder skip,
+        # block switches); only the class set, variant and usage fields change.
+        architecture = (
+            init_model[1].replace(variant=variant, ignore_index=None)
+            if init_model is not None
+            else get_model_config(variant, num_classes=manifest.num_classes, alpha2=recipe.alpha2, alpha3=recipe.alpha3)
+        )
+        config = architecture.replace(
+            name=name,
+            num_classes=manifest.num_classes,
+            class_names=manifest.class_names,
+            class_colors=manifest.class_colors,
+            preprocessing=preprocessing,
+            target_mpp=manifest.target_mpp,
+            description=f"ESPNet trained on {manifest.name} ({', '.join(manifest.class_names)})",
+        )
+        if (folder / "done.json").is_file():
+            log(f"stage {stage}: already finished, skipped")
+            stage_summaries[stage] = json.loads((folder / "done.json").read_text())
+            previous_best = folder / "best.safetensors"
+            continue
+        torch.manual_seed(recipe.seed + index)
+        network = build_espnet(config)
+        source = None
+        fresh: list[str] = []
+        if index == 0 and init_model is not None:
+            source = init_model[0].state_dict()
+            origin = str(recipe.init)
+        elif previous_best is not None:
+            source = load_model(previous_best)[0].state_dict()
+            origin = str(previous_best)
+        if source is not None:
+            copied, fresh = transfer_weights(source, network)
+            log(f"stage {stage}: {len(copied)} tensors from {origin}, {len(fresh)} initialised anew")
+        network = network.to(device)
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        fresh_set = set(fresh)
+        groups = [
+            {"params": [p for n, p in network.named_parameters() if n not in fresh_set], "lr": recipe.lr},
+            {"params": [p for n, p in network.named_parameters() if n in fresh_set],
+             "lr": recipe.lr * recipe.new_layer_lr_scale},
+        ]  # fmt: skip
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=recipe.lr, weight_decay=recipe.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
+        weight_tensor = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        loss = SegmentationLoss(weight_tensor, ignore).to(device)
+        resume_from = latest_state_file(folder / "state") if options.resume else None
+        if resume_from is not None:
+            saved = torch.load(resume_from, map_location="cpu", weights_only=True)["trainer"]
+            saved_epoch = saved.get("epoch", saved.get("iteration", 0) // max(saved.get("epoch_length", 1), 1))
+            _truncate_history(folder, int(saved_epoch))
+            log(f"stage {stage}: resuming after epoch {saved_epoch} from {resume_from.name}")
+        engines = build_stage_engines(
+            network=network,
+            config=config,
+            folder=folder,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            loss=loss,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            prepare_batch=PrepareBatch(preprocessing, channels_last=channels_last),
+            device=device,
+            epochs=recipe.epochs(stage),
+            amp=amp,
+            val_interval=recipe.val_interval,
+            early_stop_patience=recipe.early_stop_patience,
+            class_names=manifest.class_names,
+            ignore_index=manifest.ignore_index,
+            resume_from=resume_from,
+            epoch_started=epoch_started,
+            progress=options.progress,
+            tensorboard=options.tensorboard,
+            log=log,
+        )
+        stage_started = time.perf_counter()
+        log(f"stage {stage}: {config.variant}, {recipe.epochs(stage)} epochs of {num_samples} samples")
+        engines.trainer.run()
+        if not engines.recorder.best_path.is_file():
+            raise InputError(f"stage {stage} ended without a validation; set val_interval <= the epoch count.")
+        summary = {
+            "stage": stage,
+            "variant": config.variant,
+            "epochs": engines.trainer.state.epoch,
+            "iterations": engines.trainer.state.iteration,
+            "seconds": round(time.perf_counter() - stage_started, 1),
+            "best": json.loads(engines.recorder.best_record_path.read_text()),
+        }
+        with replacing(folder / "done.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        stage_summaries[stage] = summary
+        stages_run.append(stage)
+        previous_best = engines.recorder.best_path
+
+    assert previous_best is not None
+    with replacing(final_path) as tmp:
+        shutil.copyfile(previous_best, tmp)
+    model, config = load_model(final_path)
+    model = model.to(device)
+    evaluations: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split in manifest.split_names:
+            confusion = evaluate_split(model, config, manifest, split)
+            evaluations[split] = write_evaluation(
+                confusion, config, manifest, split, options.out, prefix="", extra={"model": str(final_path)}
+            )
+    seconds = time.perf_counter() - started
+    metrics = {
+        "name": name,
+        "hardware": hardware,
+        "seconds": round(seconds, 1),
+        "stages": stage_summaries,
+        "evaluations": evaluations,
+        "statistics": stats.to_dict(manifest.class_names),
+        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+    }
+    with replacing(options.out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    write_model_card(
+        options.out / "model_card.md",
+        config=config,
+        manifest=manifest,
+        recipe=recipe,
+        metrics=metrics,
+        samples={"train": len(train_samples), "val": len(val_samples)},
+    )
+    log(f"wrote {final_path} and {options.out / 'model_card.md'} ({seconds:.0f} s)")
+    return TrainResult(final_path, metrics, seconds, tuple(stages_run))
