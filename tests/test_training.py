@@ -46,8 +46,10 @@ def _history(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _run(out: Path, recipe: TrainingRecipe = TINY, **options: object) -> None:
-    train(TrainOptions(manifest=BREAST, out=out, recipe=recipe, progress=False, **options), log=lambda _: None)  # type: ignore[arg-type]
+def _run(out: Path, recipe: TrainingRecipe = TINY) -> list[str]:
+    messages: list[str] = []
+    train(TrainOptions(manifest=BREAST, out=out, recipe=recipe, progress=False), log=messages.append)
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def two_stage_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("two-stage")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WSI_ESPNET_TEST_DATA", str(shared_data))
-        _run(out, TINY.replace(stages=["encoder", "decoder"], encoder_epochs=2, decoder_epochs=4))
+        messages = _run(out, TINY.replace(stages=["encoder", "decoder"], encoder_epochs=2, decoder_epochs=4))
+    (out / "log.txt").write_text("\n".join(messages))
     return out
 
 
@@ -80,8 +83,10 @@ def test_two_stage_run_learns_and_writes_everything(two_stage_run: Path):
     assert set(stats["class_pixels"]) == {"other tissue", "tumour"}
     assert all(n > 0 for n in stats["class_pixels"].values())
     # The second stage starts from the first stage's encoder.
-    encoder_model, encoder_config = load_model(two_stage_run / "encoder" / "best.safetensors")
-    final, config = load_model(two_stage_run / "model.safetensors")
+    log = (two_stage_run / "log.txt").read_text()
+    assert f"stage decoder: 170 tensors from {two_stage_run / 'encoder' / 'best.safetensors'}" in log
+    _, encoder_config = load_model(two_stage_run / "encoder" / "best.safetensors")
+    _, config = load_model(two_stage_run / "model.safetensors")
     assert encoder_config.variant == "espnet-c"
     assert config.variant == "espnet"
     assert config.target_mpp == 1.0
@@ -133,8 +138,8 @@ def test_fine_tuning_an_original_cityscapes_checkpoint_to_two_classes(tmp_path: 
     copied, fresh = (int(w) for w in transfer.split(": ", 1)[1].split() if w.isdigit())
     assert copied > 100
     assert fresh > 0  # the 20-class layers
-    model, config = load_model(tmp_path / "ft" / "model.safetensors")
-    original, original_config = load_model(original_weights / "decoder_espnet_p_2_q_3.pth")
+    _, config = load_model(tmp_path / "ft" / "model.safetensors")
+    _, original_config = load_model(original_weights / "decoder_espnet_p_2_q_3.pth")
     assert config.num_classes == 2
     assert config.preprocessing == original_config.preprocessing  # the weights' own normalisation is kept
     assert config.alpha3 == 3
