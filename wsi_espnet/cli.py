@@ -27,6 +27,20 @@ __all__ = ["main"]
 def _cmd_models(args: argparse.Namespace) -> int:
     from wsi_espnet.models import build_espnet, count_multiply_adds, count_parameters, get_model_config, list_models
 
+    from wsi_espnet.models.registry import DEFAULT_MODEL, list_packaged_models
+
+    print("Trained models in the package (use the name as --model; model cards beside the files):")
+    trained_header = f"{'name':<22} {'classes':>7} {'um/px':>6}  classes"
+    print(trained_header)
+    print("-" * len(trained_header))
+    for packaged in list_packaged_models():
+        mpp = "-" if packaged.config.target_mpp is None else f"{packaged.config.target_mpp:g}"
+        default = "  [default]" if packaged.name == DEFAULT_MODEL else ""
+        names = ", ".join(packaged.config.class_names)
+        print(f"{packaged.name:<22} {packaged.config.num_classes:>7} {mpp:>6}  {names}{default}")
+        print(f"{'':<22} {'':>7} {'':>6}  card: {packaged.card}")
+    print()
+    print("Architectures (untrained; build with create_model or train with 'wsi-espnet train'):")
     rows = []
     for entry in list_models():  # everything is validated before anything is printed
         config = (
@@ -131,7 +145,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from wsi_espnet.segmentation.segment_slide import segment_slide
 
     options = _segment_options(args)
-    model = args.model or _default_model()
+    model = _model_path(args.model)
     result = segment_slide(args.slide, model, options, log=_log)
     _print_summary(result, quiet=args.quiet)
     return 0
@@ -143,7 +157,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_espnet.segmentation.tile_inference import resolve_device
 
     device, _ = resolve_device(args.device, "fp32")
-    model, config = load_model(args.model or _default_model(), device=device)
+    model, config = load_model(_model_path(args.model), device=device)
     if config.target_mpp is not None and args.mpp is None:
         _log(f"the model expects {config.target_mpp:g} um/px; images are used as they are (pass --mpp to resample)")
     for result in predict_image_files(model, config, args.images, args.out, mpp=args.mpp, alpha=args.alpha):
@@ -201,7 +215,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest)
     manifest.check_split(args.split)
-    model, config = load_model(args.model or _default_model(), num_classes=args.num_classes)
+    model, config = load_model(_model_path(args.model), num_classes=args.num_classes)
     model = model.to(resolve_device(args.device))
     confusion = evaluate_split(model, config, manifest, args.split, progress=not args.quiet)
     out = args.out or Path(".")
@@ -244,10 +258,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_model() -> Path:
-    from wsi_espnet.models.registry import default_model_path
+def _model_path(model: Path | None) -> Path:
+    """``--model``: a checkpoint path or a packaged model's name; none -> the default breast model."""
+    from wsi_espnet.models.registry import resolve_model_path
 
-    return default_model_path()
+    return resolve_model_path(model)
 
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:

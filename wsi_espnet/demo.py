@@ -57,26 +57,11 @@ def sample_slide(*, url: str = SAMPLE_URL, log: Callable[[str], None] = print) -
 
 
 def demo_model(*, log: Callable[[str], None] = print) -> tuple[Path, float]:
-    """The model the demo uses and the micrometres per pixel to run it at.
+    """The model the demo uses (the packaged default breast model) and the MPP to run it at."""
+    from wsi_espnet.models.checkpoint_io import read_model_config
+    from wsi_espnet.models.registry import default_model_path
 
-    No trained breast model ships yet, so the demo uses the original ESPNet authors' Cityscapes
-    checkpoint from the shared data folder, converted once into the cache. It is a street-scene
-    model: the demo shows the pipeline, not histology classes.
-    """
-    from wsi_espnet.models import load_original_checkpoint, save_model
-
-    converted = cache_dir() / "espnet-cityscapes-demo.safetensors"
-    if converted.is_file():
-        return converted, DEMO_TARGET_MPP
-    original = _data_dir() / "espnet-original" / "weights" / "decoder_espnet_p_2_q_3.pth"
-    if not original.is_file():
-        raise InputError(
-            "no default breast model ships with this version yet, and the original ESPNet checkpoint used in its "
-            f"place was not found at {original}; set WSI_ESPNET_TEST_DATA, or run 'wsi-espnet segment SLIDE --model "
-            "MODEL.safetensors'."
-        )
-    log("no trained breast model ships yet: the demo uses the original ESPNet Cityscapes model (street classes)")
-    model, config = load_original_checkpoint(original, name="espnet-cityscapes-demo")
-    converted.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, config, converted)
-    return converted, DEMO_TARGET_MPP
+    path = default_model_path()
+    config = read_model_config(path)
+    log(f"model {config.name}: {', '.join(config.class_names)} at {config.target_mpp:g} um/px")
+    return path, float(config.target_mpp or DEMO_TARGET_MPP)

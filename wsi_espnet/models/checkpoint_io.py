@@ -22,7 +22,7 @@ from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
 from wsi_espnet.models.original_checkpoints import load_original_checkpoint
 
-__all__ = ["CONFIG_METADATA_KEY", "file_sha256", "load_model", "save_model"]
+__all__ = ["CONFIG_METADATA_KEY", "file_sha256", "load_model", "read_model_config", "save_model"]
 
 CONFIG_METADATA_KEY = "wsi_espnet_config"
 
@@ -82,6 +82,22 @@ def _looks_like_safetensors(path: Path) -> bool:
     with open(path, "rb") as stream:
         head = stream.read(9)
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The :class:`ModelConfig` in a wsi-espnet ``.safetensors`` header, without reading the weights."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(path)!r} as a .safetensors checkpoint ({exc}).") from exc
+    if CONFIG_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file without a wsi-espnet model config.")
+    try:
+        return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    except ConfigError as exc:
+        raise CheckpointError(f"{str(path)!r} carries an invalid model config: {exc}") from exc
 
 
 def load_model(

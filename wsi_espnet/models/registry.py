@@ -15,9 +15,23 @@ from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
 
-__all__ = ["RegisteredModel", "create_model", "default_model_path", "get_model_config", "list_models"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "PackagedModel",
+    "RegisteredModel",
+    "create_model",
+    "default_model_path",
+    "get_model_config",
+    "list_models",
+    "list_packaged_models",
+    "resolve_model_path",
+]
 
 DEFAULT_NUM_CLASSES = 20
+#: Trained checkpoints shipped inside the package, each with a model card beside it.
+PACKAGED_DIR = Path(__file__).with_name("pretrained")
+#: The packaged model ``segment``, ``predict`` and ``evaluate`` use when ``--model`` is not given.
+DEFAULT_MODEL = "espnet-breast-tumour"
 
 
 @dataclass(frozen=True)
@@ -85,15 +99,43 @@ def create_model(name: str, **overrides: Any) -> EspNet | EspNetEncoder:
     return build_espnet(get_model_config(name, **overrides))
 
 
-def default_model_path() -> Path:
-    """The packaged default breast model's checkpoint.
+@dataclass(frozen=True)
+class PackagedModel:
+    """A trained model shipped in the package: checkpoint, config and model card."""
 
-    Raises :class:`ConfigError` while no trained model ships with the package.
-    """
-    packaged = sorted((Path(__file__).parent / "pretrained").glob("*.safetensors"))
-    if not packaged:
+    name: str
+    path: Path
+    config: ModelConfig
+
+    @property
+    def card(self) -> Path:
+        return self.path.with_suffix(".md")
+
+
+def list_packaged_models() -> list[PackagedModel]:
+    """The trained models in ``wsi_espnet/models/pretrained``, default first."""
+    from wsi_espnet.models.checkpoint_io import read_model_config
+
+    paths = sorted(PACKAGED_DIR.glob("*.safetensors"), key=lambda p: (p.stem != DEFAULT_MODEL, p.stem))
+    return [PackagedModel(p.stem, p, read_model_config(p)) for p in paths]
+
+
+def default_model_path() -> Path:
+    """The packaged default breast model's checkpoint (:data:`DEFAULT_MODEL`)."""
+    path = PACKAGED_DIR / f"{DEFAULT_MODEL}.safetensors"
+    if not path.is_file():
         raise ConfigError(
-            "no default breast model ships with this version yet; pass --model MODEL.safetensors (for example one "
-            "made with 'wsi-espnet convert-weights')."
+            f"the packaged default model {DEFAULT_MODEL!r} is missing from {PACKAGED_DIR} (a broken installation?); "
+            "reinstall wsi-espnet or pass --model MODEL.safetensors."
         )
-    return packaged[0]
+    return path
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``None`` -> the default model; a packaged model's name -> its file; anything else is a path."""
+    if model is None:
+        return default_model_path()
+    text = str(model)
+    if not Path(text).exists() and (PACKAGED_DIR / f"{text}.safetensors").is_file():
+        return PACKAGED_DIR / f"{text}.safetensors"
+    return Path(text)
