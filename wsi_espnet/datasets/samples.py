@@ -69,12 +69,14 @@ def _folder_samples(source: SourceSpec, split_name: str, split: FolderSplit) -> 
     images = sorted(p for p in split.images.glob(pattern) if p.is_file() and not p.name.startswith("."))
     by_name: dict[str, Sample] = {}
     missing: list[str] = []
+    seen_names: list[str] = []
     for image_path in images:
         name = _pair_name(image_path, source.image_suffix)
         if name is None:
             continue
         relative_parent = image_path.parent.relative_to(split.images)
         key = str(relative_parent / name) if source.recursive else name
+        seen_names += [name, key]
         if split.files is not None and name not in split.files and key not in split.files:
             continue
         if name in split.exclude or key in split.exclude:
@@ -90,6 +92,14 @@ def _folder_samples(source: SourceSpec, split_name: str, split: FolderSplit) -> 
             f"{str(split.masks)!r}, e.g. {missing[0]!r}; masks must have the image's name"
             f"{' + ' + repr(source.mask_suffix) if source.mask_suffix else ''}."
         )
+    if split.exclude:
+        seen = set(seen_names)
+        unknown = sorted(set(split.exclude) - seen)
+        if unknown:
+            raise InputError(
+                f"source {source.name!r}, split {split_name!r} excludes files that are not there: {unknown[:5]}; "
+                "check the names (a typo would put held-out data into this split)."
+            )
     if split.files is not None:
         absent = sorted(set(split.files) - set(by_name) - {Path(k).name for k in by_name})
         if absent:
@@ -162,9 +172,11 @@ def read_rgb(path: Path) -> NDArray[np.uint8]:
         raise InputError(f"cannot read image {str(path)!r}: {exc}; is it a complete PNG/JPEG/TIFF?") from exc
 
 
-def _read_mask(path: Path) -> NDArray[np.integer]:
+def _read_mask(path: Path, *, colours: bool) -> NDArray[np.integer]:
     try:
         with Image.open(path) as image:
+            if colours:  # colour-coded masks: compare colours whatever the file's mode (palette, RGBA, ...)
+                return np.asarray(image.convert("RGB"))
             return np.asarray(image)  # palette ('P') masks give their indices: class ids, as intended
     except (OSError, UnidentifiedImageError) as exc:
         raise InputError(f"cannot read mask {str(path)!r}: {exc}; is it a complete PNG/JPEG/TIFF?") from exc
@@ -174,7 +186,11 @@ def decode_mask(
     raw: NDArray[np.integer], encoding: MaskEncoding, num_classes: int, ignore_index: int | None, *, where: str
 ) -> NDArray[np.uint8]:
     """Raw mask values -> class indices (uint8), following :class:`MaskEncoding`'s order."""
-    ignore = ignore_index if ignore_index is not None else 255
+    ignore = ignore_index if ignore_index is not None else 255  # only reachable with an ignore index (see below)
+    if encoding.colors and (raw.ndim != 3 or raw.shape[2] < 3):
+        raise InputError(
+            f"{where}: mask.colors is set but the mask has no RGB channels; give RGB masks or drop 'colors'."
+        )
     if raw.ndim == 3 and encoding.colors:
         rgb = raw[..., :3].astype(np.int32)
         codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -194,6 +210,8 @@ def decode_mask(
     if raw.ndim == 3:
         raw = raw[..., 0]
     values = raw.astype(np.int64)
+    if values.size and values.min() < 0:
+        raise InputError(f"{where}: mask holds negative values (e.g. {int(values.min())}); class ids must be >= 0.")
     if encoding.threshold is not None:
         values = (values >= encoding.threshold).astype(np.int64)
     top = int(values.max(initial=0))
@@ -212,13 +230,19 @@ def decode_mask(
                 raise InputError(f"{where}: mask values {stray[:10].tolist()} are not in mask.remap; add them.")
             lut[stray] = ignore
     labels = lut[values]
-    bad = (labels >= num_classes) & (labels != ignore)
+    bad = labels >= num_classes
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+        if encoding.unmapped == "ignore":  # values outside the classes become the ignore index
+            labels[bad] = ignore_index
+            bad[:] = False
     if bad.any():
         found = np.unique(labels[bad])[:10].tolist()
         raise InputError(
             f"{where}: mask values {found} are not class indices 0..{num_classes - 1}"
             f"{f' or the ignore index {ignore_index}' if ignore_index is not None else ''}; "
-            "add a mask.remap (e.g. {255: 1}), a mask.threshold for lossy masks, or mask.unmapped: ignore."
+            "add a mask.remap (e.g. {255: 1}), a mask.threshold for lossy masks, or mask.unmapped: ignore "
+            "(with an ignore_index)."
         )
     return labels.astype(np.uint8)
 
@@ -244,10 +268,10 @@ def load_sample(
     """
     if sample.image is not None and sample.labels is not None:
         return sample.image, sample.labels
-    assert sample.image_path is not None
-    assert sample.mask_path is not None
+    if sample.image_path is None or sample.mask_path is None:
+        raise InputError(f"sample {sample.name!r} has neither arrays nor image and mask paths.")
     image = read_rgb(sample.image_path)
-    raw = _read_mask(sample.mask_path)
+    raw = _read_mask(sample.mask_path, colours=bool(sample.source.mask.colors))
     where = f"mask {str(sample.mask_path)!r}"
     if raw.shape[:2] != image.shape[:2]:
         raise InputError(
