@@ -12,7 +12,7 @@ import torch
 
 from wsi_espnet.cli import main
 from wsi_espnet.datasets.manifest import load_manifest
-from wsi_espnet.errors import ConfigError, InputError
+from wsi_espnet.errors import CheckpointError, ConfigError, InputError
 from wsi_espnet.evaluation.evaluate import evaluate_split
 from wsi_espnet.models import load_model
 from wsi_espnet.training.recipe import TrainingRecipe, load_recipe
@@ -192,3 +192,61 @@ def test_evaluate_cli_writes_json_and_png(two_stage_run: Path, tmp_path: Path, c
     assert next(tmp_path.glob("*confusion_test.png")).stat().st_size > 0
     assert main(["evaluate", str(BREAST), "--split", "nope", "--model", str(model)]) == 2
     assert "has no split 'nope'" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "run"
+    args = ["train", str(BREAST), "--out", str(out), "--stages", "decoder", "--decoder-epochs", "1"]
+    args += ["--crop", "64", "--samples-per-epoch", "4", "--batch-size", "4", "--quiet"]
+    assert main(args) == 0
+    model_bytes = (out / "model.safetensors").read_bytes()
+    # A failing new run (a bad --init) changes nothing; the old run is still whole.
+    assert main([*args, "--overwrite", "--init", str(tmp_path / "missing.safetensors")]) == 3
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0
+    assert json.loads((out / "run.json").read_text())["recipe"]["seed"] == 1
+    assert not list(tmp_path.glob(".run.replaced-*"))  # the old run was deleted only at the end
+
+
+def test_a_corrupt_training_state_is_reported_not_a_traceback(tmp_path: Path):
+    out = tmp_path / "run"
+    _run(out, TINY.replace(decoder_epochs=1))
+    (out / "decoder" / "done.json").unlink()
+    (out / "model.safetensors").unlink()
+    state = next((out / "decoder" / "state").glob("*.pt"))
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        train(TrainOptions(manifest=BREAST, out=out, recipe=TINY.replace(decoder_epochs=1), resume=True))
+
+
+def test_fine_tuning_to_renamed_classes_reinitialises_the_classifier(tmp_path: Path, shared_data: Path):
+    """Same class count, other classes: the old classifier layers must not be reused."""
+    first = tmp_path / "first"
+    _run(first, TINY.replace(decoder_epochs=1))
+    swapped = tmp_path / "swapped.yaml"
+    text = BREAST.read_text().replace("${WSI_ESPNET_TEST_DATA:-../../shared/data}", str(shared_data))
+    text = text.replace("- {name: other tissue", "- {name: non-tumour")
+    swapped.write_text(text)
+    messages: list[str] = []
+    recipe = TINY.replace(decoder_epochs=1, init=str(first / "model.safetensors"))
+    train(TrainOptions(manifest=swapped, out=tmp_path / "second", recipe=recipe, progress=False), log=messages.append)
+    same = TINY.replace(decoder_epochs=1, init=str(first / "model.safetensors"))
+    messages_same: list[str] = []
+    train(TrainOptions(manifest=BREAST, out=tmp_path / "third", recipe=same, progress=False), log=messages_same.append)
+
+    def fresh(log: list[str]) -> int:
+        line = next(m for m in log if "initialised anew" in m)
+        return int(line.rsplit(", ", 1)[1].split()[0])
+
+    assert fresh(messages_same) == 0  # same classes: everything is reused
+    assert fresh(messages) > 0  # renamed classes: the class-dependent layers start afresh
+
+
+def test_val_without_labelled_pixels_is_refused_before_anything_is_written(tmp_path: Path, shared_data: Path):
+    manifest = tmp_path / "unlabelled-val.yaml"
+    text = BREAST.read_text().replace("${WSI_ESPNET_TEST_DATA:-../../shared/data}", str(shared_data))
+    manifest.write_text(text.replace("mask: {threshold: 128}", "mask: {threshold: 128, remap: {0: 255, 1: 255}}"))
+    with pytest.raises(InputError, match="no labelled pixels"):
+        train(TrainOptions(manifest=manifest, out=tmp_path / "run", recipe=TINY), log=lambda _: None)
+    assert not (tmp_path / "run").exists()

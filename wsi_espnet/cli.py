@@ -26,7 +26,6 @@ __all__ = ["main"]
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from wsi_espnet.models import build_espnet, count_multiply_adds, count_parameters, get_model_config, list_models
-
     from wsi_espnet.models.registry import DEFAULT_MODEL, list_packaged_models
 
     print("Trained models in the package (use the name as --model; model cards beside the files):")
@@ -219,7 +218,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = model.to(resolve_device(args.device))
     confusion = evaluate_split(model, config, manifest, args.split, progress=not args.quiet)
     out = args.out or Path(".")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use {str(out)!r} as the output folder: {exc.strerror}.") from exc
     prefix = f"{config.name}_{manifest.name}_"
     metrics = write_evaluation(
         confusion, config, manifest, args.split, out, prefix=prefix, extra={"model": str(args.model or "packaged")}
@@ -403,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsi-espnet: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("wsi-espnet: interrupted", file=sys.stderr)
+        hint = "rerun with --resume to continue" if args.command == "train" else "rerun the same command to resume"
+        print(f"wsi-espnet: interrupted; {hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); stop quietly, as other Unix tools do.

@@ -22,8 +22,8 @@ __all__ = ["SAMPLE_SHA256", "SAMPLE_URL", "cache_dir", "demo_model", "sample_sli
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
 SAMPLE_URL = "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/CMU-1-Small-Region.svs"
 SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
-#: The interim demo model runs coarse, so the demo finishes in seconds on a laptop CPU.
-DEMO_TARGET_MPP = 2.0
+#: Used only if the default model states no micrometres per pixel (the packaged one does: 1.0).
+DEMO_TARGET_MPP = 1.0
 
 
 def cache_dir() -> Path:
@@ -63,5 +63,6 @@ def demo_model(*, log: Callable[[str], None] = print) -> tuple[Path, float]:
 
     path = default_model_path()
     config = read_model_config(path)
-    log(f"model {config.name}: {', '.join(config.class_names)} at {config.target_mpp:g} um/px")
-    return path, float(config.target_mpp or DEMO_TARGET_MPP)
+    mpp = config.target_mpp or DEMO_TARGET_MPP
+    log(f"model {config.name}: {', '.join(config.class_names)} at {mpp:g} um/px")
+    return path, float(mpp)

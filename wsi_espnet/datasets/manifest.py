@@ -292,6 +292,11 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetManifest:
                     f"{where}: split {name!r} does not fit layout {layout!r} "
                     f"({'slides' if layout == 'annotated_slides' else 'images and masks'} expected)."
                 )
+        if layout == "annotated_slides" and ignore_index is None:
+            raise InputError(
+                f"{where}: annotated slides need an ignore_index (e.g. 255) for pixels outside the annotations "
+                "and past the slide's edge."
+            )
         unannotated = src.get("unannotated")
         if unannotated is not None and unannotated.lower() not in names:
             raise InputError(f"{where}: unannotated class {unannotated!r} is not one of {[c.name for c in classes]}.")

@@ -3,8 +3,8 @@
 ``SupervisedTrainer`` runs the batches; ``SupervisedEvaluator`` validates on whole images with one
 global confusion matrix (:class:`GlobalIoU`, ignore index excluded: the metric the original code
 got wrong by averaging per batch). MONAI handlers do the rest: ``ValidationHandler``,
-``LrScheduleHandler`` (step decay), ``CheckpointSaver``/``CheckpointLoader`` (training state every
-epoch, for resume), ``EarlyStopHandler`` and optionally ``TensorBoardStatsHandler``.
+``LrScheduleHandler`` (step decay), ``CheckpointLoader`` (resume; the state itself is saved every
+epoch by ignite's atomic ``Checkpoint``), ``EarlyStopHandler`` and optionally ``TensorBoardStatsHandler``.
 :class:`EpochRecorder` writes ``history.csv``, prints one line per epoch and saves the best model
 by val mIoU as a ``.safetensors`` file with its :class:`ModelConfig`.
 """
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (
     CheckpointLoader,
-    CheckpointSaver,
     EarlyStopHandler,
     LrScheduleHandler,
     ValidationHandler,
@@ -103,7 +103,9 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.shape[-2:] != labels.shape[-2:]:
-            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+            # nearest-exact samples each 8x8 block's centre, where upsampled logits put the cell's value;
+            # plain "nearest" (the authors' cv2 call) would shift encoder-only models by 3.5 px.
+            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")[:, 0].long()
         weight = self.weight if isinstance(self.weight, Tensor) else None
         return F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=self.ignore_index)
 
@@ -147,9 +149,19 @@ def _map_location(device: torch.device) -> dict[str, str] | None:
 
 
 def latest_state_file(folder: Path) -> Path | None:
-    """The newest training-state checkpoint a :class:`CheckpointSaver` left in ``folder``."""
-    files = sorted(folder.glob(f"{STATE_PREFIX}_*.pt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    """The training state of the latest epoch in ``folder`` (``state_checkpoint_<epoch>.pt``)."""
+
+    def epoch(path: Path) -> int:
+        tail = path.stem.rsplit("_", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    files = sorted(folder.glob(f"{STATE_PREFIX}_*.pt"), key=epoch) if folder.is_dir() else []
     return files[-1] if files else None
+
+
+def _fmt(metrics: dict[str, Any] | None, key: str, digits: int) -> str:
+    value = None if metrics is None else metrics.get(key)
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 @dataclass
@@ -205,15 +217,16 @@ class EpochRecorder:
 
     def _epoch_completed(self, engine: Engine) -> None:
         lr = self._lr
-        loss = sum(self._losses) / max(len(self._losses), 1)
+        finite = [v for v in self._losses if math.isfinite(v)]  # a batch with only ignored pixels has no loss
+        loss = sum(finite) / len(finite) if finite else math.nan
         val = getattr(self, "_validation", None)
         row = {
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "loss": f"{loss:.6f}",
             "lr_used": f"{lr:.6g}",
-            "val_mean_iou": "" if val is None else f"{val['mean_iou']:.6f}",
-            "val_pixel_accuracy": "" if val is None else f"{val['pixel_accuracy']:.6f}",
+            "val_mean_iou": _fmt(val, "mean_iou", 6),
+            "val_pixel_accuracy": _fmt(val, "pixel_accuracy", 6),
             "seconds": f"{time.perf_counter() - self._started:.2f}",
         }
         history = self.folder / "history.csv"
@@ -224,7 +237,9 @@ class EpochRecorder:
                 writer.writeheader()
             writer.writerow(row)
         best = self.best_miou()
-        val_text = "" if val is None else f"  val mIoU {val['mean_iou']:.4f}  pixel acc {val['pixel_accuracy']:.4f}"
+        val_text = (
+            "" if val is None else f"  val mIoU {_fmt(val, 'mean_iou', 4)}  pixel acc {_fmt(val, 'pixel_accuracy', 4)}"
+        )
         self.log(
             f"epoch {engine.state.epoch}/{engine.state.max_epochs}  loss {loss:.4f}{val_text}"
             f"  best {best:.4f}  lr {lr:.2e}  {row['seconds']} s"
@@ -294,27 +309,36 @@ def build_stage_engines(
     ValidationHandler(validator=evaluator, interval=val_interval, epoch_level=True).attach(trainer)
     recorder = EpochRecorder(folder, network, config, metric, class_names, log)
     recorder.attach(trainer, evaluator)
-    save_dict = {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
-    state_dir = folder / "state"
-    CheckpointSaver(
-        save_dir=str(state_dir),
-        save_dict=save_dict,
-        file_prefix=STATE_PREFIX,
-        save_interval=1,
-        epoch_level=True,
-        n_saved=1,
-    ).attach(trainer)
-    if resume_from is not None:
-        CheckpointLoader(load_path=str(resume_from), load_dict=save_dict, map_location=_map_location(device)).attach(
-            trainer
-        )
+    save_dict: dict[str, Any] = {
+        "network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer,
+    }  # fmt: skip
+    if getattr(trainer, "scaler", None) is not None:  # AMP's loss scale, so a resumed GPU run steps identically
+        save_dict["scaler"] = trainer.scaler
     if early_stop_patience is not None:
-        EarlyStopHandler(
+        early_stop = EarlyStopHandler(
             patience=early_stop_patience,
             score_function=lambda engine: engine.state.metrics["val_mean_iou"],
             trainer=trainer,
             epoch_level=True,
-        ).attach(evaluator)
+        )
+        early_stop.attach(evaluator)
+        save_dict["early_stop"] = early_stop._handler  # its counter and best score survive a resume
+    # The state is written atomically (ignite's DiskSaver writes aside, then renames; MONAI's
+    # CheckpointSaver does not), so a kill or a full disk never leaves a truncated state to resume from.
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        Checkpoint(
+            save_dict,
+            DiskSaver(folder / "state", atomic=True, require_empty=False),
+            filename_prefix=STATE_PREFIX,
+            n_saved=1,
+            global_step_transform=lambda engine, _: engine.state.epoch,
+        ),
+    )
+    if resume_from is not None:
+        CheckpointLoader(load_path=str(resume_from), load_dict=save_dict, map_location=_map_location(device)).attach(
+            trainer
+        )
     if progress:
         from ignite.handlers import ProgressBar
 
@@ -328,6 +352,8 @@ def build_stage_engines(
             log_dir=str(folder / "tensorboard"), output_transform=lambda output: output["loss"].item()
         ).attach(trainer)
         TensorBoardStatsHandler(
-            log_dir=str(folder / "tensorboard"), global_epoch_transform=lambda epoch: trainer.state.epoch
+            log_dir=str(folder / "tensorboard"),
+            iteration_log=False,  # the evaluator's output is a dict of whole-image tensors, not a loss
+            global_epoch_transform=lambda epoch: trainer.state.epoch,
         ).attach(evaluator)
     return StageEngines(trainer, evaluator, recorder)

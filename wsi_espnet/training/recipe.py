@@ -8,6 +8,7 @@ options override single fields. The resolved recipe is written into the run fold
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,9 @@ class TrainingRecipe:
     alpha2, alpha3 : network depth (paper default 2 and 8).
     val_interval : validate every this many epochs; early_stop_patience : stop after this many
         validations without a better val mIoU (None: never).
-    amp, channels_last, cache_on_device : "auto" turns each on when a CUDA device is used.
+    amp, channels_last, cache_on_device : "auto" turns each on when a CUDA device is used (the
+        dataset is cached on the GPU only when it takes under half of the free GPU memory).
+    num_workers, cache_rate : data-loader processes; share of the decoded dataset kept in memory.
     seed : seeds weights, sampling and augmentation; with num_workers=0 a run and its resumed
         continuation produce the same weights as an uninterrupted run.
     """
@@ -75,6 +78,7 @@ class TrainingRecipe:
     channels_last: Switch = "auto"
     cache_on_device: Switch = "auto"
     num_workers: int = 0
+    cache_rate: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,13 +98,24 @@ class TrainingRecipe:
         for name in ("encoder_epochs", "decoder_epochs", "batch_size", "lr_step", "val_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
-        if len(self.crop_size) != 2 or any(v < 8 or v % 8 for v in self.crop_size):
-            raise ConfigError(f"crop_size={list(self.crop_size)} must be [height, width], multiples of 8, >= 8.")
+        if len(self.crop_size) != 2 or any(v < 16 or v % 8 for v in self.crop_size):
+            # 16: batch norm needs more than one value per channel at 1/8 resolution.
+            raise ConfigError(f"crop_size={list(self.crop_size)} must be [height, width], multiples of 8, >= 16.")
+        for stage in self.stages:
+            if self.val_interval > self.epochs(stage):
+                raise ConfigError(
+                    f"val_interval={self.val_interval} exceeds the {self.epochs(stage)} epochs of stage {stage!r}; "
+                    "the stage would never validate (nor keep a best model)."
+                )
+        if not 0 < self.cache_rate <= 1:
+            raise ConfigError(f"cache_rate={self.cache_rate} must be in (0, 1].")
         low, high = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)
         if not 0 < low <= high:
             raise ConfigError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high.")
         if self.new_layer_lr_scale <= 0:
             raise ConfigError(f"new_layer_lr_scale={self.new_layer_lr_scale} must be positive.")
+        if not all(math.isfinite(v) for v in (self.lr, self.weight_decay, self.lr_gamma, self.new_layer_lr_scale)):
+            raise ConfigError("lr, weight_decay, lr_gamma and new_layer_lr_scale must be finite numbers.")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.lr_gamma <= 1:
             raise ConfigError(
                 f"lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, lr_gamma={self.lr_gamma} in (0, 1]."
@@ -136,9 +151,52 @@ def _build(data: dict[str, Any], *, where: str) -> TrainingRecipe:
     if unknown:
         raise ConfigError(f"{where}: unknown recipe settings {unknown}; valid ones are: {', '.join(sorted(fields))}.")
     try:
-        return TrainingRecipe(**data)
-    except TypeError as exc:
+        return TrainingRecipe(**{key: _coerce(key, value) for key, value in data.items()})
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise ConfigError(f"{where}: {exc}") from exc
         raise ConfigError(f"{where}: {exc}.") from exc
+
+
+_INTS = {"encoder_epochs", "decoder_epochs", "batch_size", "lr_step", "alpha2", "alpha3", "val_interval", "num_workers",
+         "seed", "samples_per_epoch", "early_stop_patience"}  # fmt: skip
+_FLOATS = {"lr", "weight_decay", "lr_gamma", "new_layer_lr_scale", "cache_rate"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML's types -> the field's: '5e-4' (a string to YAML 1.1) is a float, on/off (booleans) stay switches."""
+    if value is None:
+        return None
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be a whole number.")
+        return value
+    if key in _FLOATS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be a number.") from None
+    if key in ("amp", "channels_last", "cache_on_device") and isinstance(value, bool):
+        return "on" if value else "off"
+    if key == "stages" and isinstance(value, str):
+        return [value]
+    if key == "crop_size":
+        values = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(values, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values
+        ):
+            raise ConfigError(f"crop_size={value!r} must be [height, width] in pixels.")
+        return values
+    if key == "scale_range":
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"scale_range={value!r} must be [low, high].")
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"scale_range={value!r} must be [low, high] numbers.") from None
+    return value
 
 
 def load_recipe(name_or_path: str | os.PathLike[str] | None = None) -> TrainingRecipe:

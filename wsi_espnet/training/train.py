@@ -14,12 +14,15 @@ Run folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +36,13 @@ from torch import nn
 from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.datasets.manifest import DatasetManifest, load_manifest
-from wsi_espnet.datasets.samples import list_samples
-from wsi_espnet.errors import InputError
+from wsi_espnet.datasets.samples import Sample, list_samples, load_sample
+from wsi_espnet.errors import CheckpointError, ConfigError, InputError, WsiEspnetError
 from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
 from wsi_espnet.models.checkpoint_io import file_sha256, load_model
 from wsi_espnet.models.config import ModelConfig, Preprocessing
 from wsi_espnet.models.espnet import build_espnet
-from wsi_espnet.models.registry import get_model_config
+from wsi_espnet.models.registry import get_model_config, resolve_model_path
 from wsi_espnet.training.engine import PrepareBatch, SegmentationLoss, build_stage_engines, latest_state_file
 from wsi_espnet.training.model_card import write_model_card
 from wsi_espnet.training.recipe import Stage, TrainingRecipe
@@ -77,9 +80,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu or auto.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"--device {name!r} is not a device name; use auto, cpu or cuda[:N].") from exc
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return device
 
 
 def transfer_weights(source: dict[str, torch.Tensor], target: nn.Module) -> tuple[list[str], list[str]]:
@@ -99,6 +105,29 @@ def transfer_weights(source: dict[str, torch.Tensor], target: nn.Module) -> tupl
     return copied, fresh
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """MONAI wraps errors raised inside transforms in RuntimeError; give the user's own error back."""
+    try:
+        yield
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, WsiEspnetError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _class_dependent_keys(config: ModelConfig) -> set[str]:
+    """State-dict keys whose shapes depend on the class count (found by building one more class)."""
+    ours = build_espnet(config).state_dict()
+    other = build_espnet(
+        config.replace(num_classes=config.num_classes + 1, class_names=(), class_colors=())
+    ).state_dict()
+    return {k for k, v in ours.items() if other[k].shape != v.shape}
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -113,7 +142,8 @@ def _hardware(device: torch.device) -> str:
     return f"CPU: {cpu}, {torch.get_num_threads()} threads"
 
 
-def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> None:
+def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> Path | None:
+    """Create or check the run folder; with ``overwrite`` the old run is moved aside (returned), not deleted."""
     out = options.out
     record_path = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -125,28 +155,51 @@ def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> None:
                     f"--out {str(out)!r} is not empty and holds no training run; refusing to delete it. "
                     "Give an empty or new folder."
                 )
-            shutil.rmtree(out)
-        elif options.resume:
+            aside = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            out.rename(aside)
+            out.mkdir()
+            with replacing(record_path) as tmp:
+                tmp.write_text(json.dumps(run_record, indent=2))
+            return aside
+        if options.resume:
             if not record_path.is_file():
                 raise InputError(f"--resume: {str(out)!r} holds no training run (no run.json).")
             saved = json.loads(record_path.read_text())
-            keys = ("manifest_sha256", "recipe", "name")
-            changed = [k for k in keys if saved.get(k) != run_record.get(k)]
+            changed = [k for k in ("manifest_sha256", "name") if saved.get(k) != run_record.get(k)]
+            old, new = saved.get("recipe", {}), run_record["recipe"]
+            changed += [
+                f"recipe {k} ({old.get(k)!r} -> {new.get(k)!r})"
+                for k in new
+                if k != "num_workers" and old.get(k) != new.get(k)
+            ]
             if changed:
                 raise InputError(
                     f"--resume: the run in {str(out)!r} was started with a different {', '.join(changed)}; "
                     "resume with the same manifest and settings, or start a new run in another folder."
                 )
-            return
-        else:
-            raise InputError(
-                f"{str(out)!r} already holds a run; pass --resume to continue it or --overwrite to start again."
-            )
-    elif options.resume:
+            return None
+        raise InputError(
+            f"{str(out)!r} already holds a run; pass --resume to continue it or --overwrite to start again."
+        )
+    if options.resume:
         raise InputError(f"--resume: there is no run in {str(out)!r} to continue.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the run folder {str(out)!r}: {exc.strerror}; choose another --out.") from exc
     with replacing(record_path) as tmp:
         tmp.write_text(json.dumps(run_record, indent=2))
+    return None
+
+
+def _fits_on_device(manifest: DatasetManifest, samples: list[Sample], device: torch.device, *, forced: bool) -> bool:
+    """Whether the decoded training set (uint8) takes under half of the device's free memory."""
+    if forced or device.type != "cuda":
+        return forced or device.type == "cuda"
+    image, _ = load_sample(manifest, samples[0])
+    estimate = image.shape[0] * image.shape[1] * 4 * len(samples)  # 3 image bytes + 1 label byte per pixel
+    free, _ = torch.cuda.mem_get_info(device)
+    return bool(estimate < free / 2)
 
 
 def _statistics(
@@ -202,16 +255,52 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         "wsi_espnet": __version__,
         "torch": torch.__version__,
     }
+    # Everything that can be checked is checked before the run folder is touched.
     train_samples = list_samples(manifest, "train")
     val_samples = list_samples(manifest, "val")
+    if "test" in manifest.split_names:
+        list_samples(manifest, "test")
     init_model: tuple[nn.Module, ModelConfig] | None = None
     if recipe.init is not None:
-        init_model = load_model(recipe.init)
-    _prepare_folder(options, run_record)
+        init_model = load_model(resolve_model_path(recipe.init))
+    if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'wsi-espnet[tensorboard]'.")
+    ignore = manifest.ignore_index if manifest.ignore_index is not None else 255
+
+    cache_on_device = _switch(recipe.cache_on_device, device) and _fits_on_device(
+        manifest, train_samples, device, forced=recipe.cache_on_device == "on"
+    )
+    channels_last = _switch(recipe.channels_last, device)
+    amp = _switch(recipe.amp, device)
+    set_determinism(seed=recipe.seed)
+    with _user_errors():
+        train_ds = CacheDataset(
+            [{"sample": s} for s in train_samples],
+            transform=train_transforms(
+                manifest,
+                crop_size=recipe.crop_size,
+                scale_range=recipe.scale_range,
+                ignore_index=ignore,
+                device=device if cache_on_device else None,
+            ),
+            cache_rate=recipe.cache_rate,
+            progress=False,
+        )
+        val_ds = CacheDataset(
+            [{"sample": s} for s in val_samples],
+            transform=eval_transforms(manifest),
+            cache_rate=recipe.cache_rate,
+            progress=False,
+        )
+        labelled = sum(int((val_ds[i]["label"] < manifest.num_classes).sum()) for i in range(len(val_ds)))
+    if labelled == 0:
+        raise InputError(f"the val split of {str(manifest.path)!r} has no labelled pixels; nothing could be validated.")
+    aside = _prepare_folder(options, run_record)
     log(f"{manifest.name}: {len(train_samples)} train and {len(val_samples)} val samples; device {device}")
+    if aside is not None:
+        log(f"the previous run was moved to {aside}; it is deleted when this run finishes")
 
     stats = _statistics(manifest, train_samples, options.out, log)
-    ignore = manifest.ignore_index if manifest.ignore_index is not None else 255
     weights = paper_class_weights(stats.frequencies) if recipe.class_weighting == "paper" else None
     if init_model is not None:
         preprocessing = init_model[1].preprocessing  # the weights learned this normalisation
@@ -219,23 +308,6 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         preprocessing = manifest.normalisation
     else:
         preprocessing = Preprocessing(mean=stats.mean, std=stats.std)  # type: ignore[arg-type]
-
-    cache_on_device = _switch(recipe.cache_on_device, device)
-    channels_last = _switch(recipe.channels_last, device)
-    amp = _switch(recipe.amp, device)
-    set_determinism(seed=recipe.seed)
-    train_ds = CacheDataset(
-        [{"sample": s} for s in train_samples],
-        transform=train_transforms(
-            manifest,
-            crop_size=recipe.crop_size,
-            scale_range=recipe.scale_range,
-            ignore_index=ignore,
-            device=device if cache_on_device else None,
-        ),
-        progress=False,
-    )
-    val_ds = CacheDataset([{"sample": s} for s in val_samples], transform=eval_transforms(manifest), progress=False)
     generator = torch.Generator()
     num_samples = recipe.samples_per_epoch or len(train_ds)
     sampler = torch.utils.data.RandomSampler(
@@ -292,6 +364,9 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         if index == 0 and init_model is not None:
             source = init_model[0].state_dict()
             origin = str(recipe.init)
+            if tuple(n.lower() for n in init_model[1].class_names) != tuple(n.lower() for n in manifest.class_names):
+                # Same count, other meaning (or order): the classifier layers must not be reused.
+                source = {k: v for k, v in source.items() if k not in _class_dependent_keys(config)}
         elif previous_best is not None:
             source = load_model(previous_best)[0].state_dict()
             origin = str(previous_best)
@@ -312,11 +387,23 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         weight_tensor = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         loss = SegmentationLoss(weight_tensor, ignore).to(device)
         resume_from = latest_state_file(folder / "state") if options.resume else None
+        saved_epoch = 0
         if resume_from is not None:
-            saved = torch.load(resume_from, map_location="cpu", weights_only=True)["trainer"]
-            saved_epoch = saved.get("epoch", saved.get("iteration", 0) // max(saved.get("epoch_length", 1), 1))
-            _truncate_history(folder, int(saved_epoch))
+            try:
+                saved = torch.load(resume_from, map_location="cpu", weights_only=True)["trainer"]
+            except (RuntimeError, OSError, KeyError, EOFError) as exc:
+                raise CheckpointError(
+                    f"the training state {str(resume_from)!r} cannot be read ({exc}); delete it to resume from the "
+                    "epoch before, or start again with --overwrite."
+                ) from exc
+            saved_epoch = int(saved.get("epoch", saved.get("iteration", 0) // max(saved.get("epoch_length", 1), 1)))
             log(f"stage {stage}: resuming after epoch {saved_epoch} from {resume_from.name}")
+        if options.resume:
+            # Rows and best models of epochs after the saved state belong to an attempt that is redone.
+            _truncate_history(folder, saved_epoch)
+            if resume_from is None:
+                for stale in ("best.safetensors", "best.json"):
+                    (folder / stale).unlink(missing_ok=True)
         engines = build_stage_engines(
             network=network,
             config=config,
@@ -342,7 +429,8 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         )
         stage_started = time.perf_counter()
         log(f"stage {stage}: {config.variant}, {recipe.epochs(stage)} epochs of {num_samples} samples")
-        engines.trainer.run()
+        with _user_errors():
+            engines.trainer.run()
         if not engines.recorder.best_path.is_file():
             raise InputError(f"stage {stage} ended without a validation; set val_interval <= the epoch count.")
         summary = {
@@ -359,10 +447,9 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         stages_run.append(stage)
         previous_best = engines.recorder.best_path
 
-    assert previous_best is not None
-    with replacing(final_path) as tmp:
-        shutil.copyfile(previous_best, tmp)
-    model, config = load_model(final_path)
+    if previous_best is None:
+        raise InputError("the recipe has no stage to run.")
+    model, config = load_model(previous_best)
     model = model.to(device)
     evaluations: dict[str, Any] = {}
     for split in ("val", "test"):
@@ -391,5 +478,9 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
         metrics=metrics,
         samples={"train": len(train_samples), "val": len(val_samples)},
     )
+    with replacing(final_path) as tmp:  # last: a model.safetensors means the run finished
+        shutil.copyfile(previous_best, tmp)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     log(f"wrote {final_path} and {options.out / 'model_card.md'} ({seconds:.0f} s)")
     return TrainResult(final_path, metrics, seconds, tuple(stages_run))

@@ -1,7 +1,8 @@
 """MONAI dictionary transforms for training and evaluation.
 
 Items are dicts ``{"sample": Sample}``; :class:`LoadSampled` turns them into ``"image"`` (3, H, W)
-float32 on the 0-255 scale and ``"label"`` (1, H, W) float32 class ids. Training adds the paper's
+on the 0-255 scale and ``"label"`` (1, H, W) class ids, both uint8 (what the dataset caches), then
+cast to float32 for the spatial transforms. Training adds the paper's
 multi-scale augmentation (a random scale, then a fixed-size random crop, padded with the ignore
 index where the scaled image is smaller), horizontal flips, and for histology vertical flips,
 90-degree rotations and stain (HED) jitter. Normalisation is not a transform: it happens batch-wise
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import (
+    CastToTyped,
     Compose,
     MapTransform,
     RandFlipd,
@@ -42,7 +44,7 @@ _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
 class LoadSampled(MapTransform):
-    """``{"sample": Sample}`` -> ``image`` (3, H, W) and ``label`` (1, H, W) float32 tensors at the target MPP."""
+    """``{"sample": Sample}`` -> ``image`` (3, H, W) and ``label`` (1, H, W) uint8 tensors at the target MPP."""
 
     def __init__(self, manifest: DatasetManifest, *, target_mpp: float | None = None) -> None:
         super().__init__(keys=["sample"])
@@ -53,8 +55,9 @@ class LoadSampled(MapTransform):
         out = dict(data)
         sample = out.pop("sample")
         image, labels = load_sample(self.manifest, sample, target_mpp=self.target_mpp)
-        out["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
-        out["label"] = torch.from_numpy(labels[None].astype(np.float32))
+        # uint8 while cached (4 bytes per pixel instead of 16); CastToTyped makes float32 copies later.
+        out["image"] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        out["label"] = torch.from_numpy(labels[None].copy())
         out["name"] = sample.name
         return out
 
@@ -96,9 +99,13 @@ class RandHedJitterd(RandomizableTransform, MapTransform):
         return out
 
 
+def _to_float() -> CastToTyped:
+    return CastToTyped(keys=["image", "label"], dtype=torch.float32)
+
+
 def eval_transforms(manifest: DatasetManifest, *, target_mpp: float | None = None) -> Compose:
     """Load only: evaluation runs on whole images."""
-    return Compose([LoadSampled(manifest, target_mpp=target_mpp)])
+    return Compose([LoadSampled(manifest, target_mpp=target_mpp), _to_float()])
 
 
 def train_transforms(
@@ -115,6 +122,7 @@ def train_transforms(
     transforms: list[Any] = [LoadSampled(manifest)]
     if device is not None:
         transforms.append(ToDeviced(keys=["image", "label"], device=device))
+    transforms.append(_to_float())
     if scale_range != (1.0, 1.0):
         transforms.append(
             RandZoomd(
