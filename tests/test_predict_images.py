@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from wsi_espnet.cli import main
+from wsi_espnet.datasets.samples import resize_image
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference import predict
 from wsi_espnet.inference.predict_images import predict_image_files
@@ -114,7 +115,8 @@ def test_images_at_another_mpp_are_resampled_to_the_models(camvid_model, camvid_
         frame = image.convert("RGB")
     (half,) = predict_image_files(model, config, camvid_frames[:1], tmp_path / "half", mpp=0.5)
     assert half.scale == 0.5
-    small = frame.resize((240, 180), resample=Image.Resampling.BILINEAR)
+    small = resize_image(frame, 0.5)  # as training data at another MPP is resampled
+    assert small.size == (240, 180)
     expected = Image.fromarray(predict(model, np.asarray(small), config=config).labels).resize(
         (480, 360), resample=Image.Resampling.NEAREST
     )

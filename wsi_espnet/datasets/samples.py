@@ -24,7 +24,7 @@ from wsi_espnet.datasets.manifest import (
 )
 from wsi_espnet.errors import InputError
 
-__all__ = ["Sample", "decode_mask", "list_samples", "load_sample", "read_rgb"]
+__all__ = ["Sample", "decode_mask", "list_samples", "load_sample", "read_rgb", "resize_image"]
 
 Image.MAX_IMAGE_PIXELS = None  # dataset regions of interest may be large; they are the user's own files
 
@@ -247,13 +247,21 @@ def decode_mask(
     return labels.astype(np.uint8)
 
 
+def resize_image(image: Image.Image, scale: float) -> Image.Image:
+    """``image`` scaled by ``scale`` as training data is: box-filtered down, bilinear up."""
+    width, height = image.size
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if scale < 1:
+        return image.resize(size, Image.Resampling.BOX, reducing_gap=2.0)
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
 def _resample(
     image: NDArray[np.uint8], labels: NDArray[np.uint8], scale: float
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     height, width = labels.shape
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    image = np.asarray(Image.fromarray(image).resize(size, resample, reducing_gap=None if scale >= 1 else 2.0))
+    image = np.asarray(resize_image(Image.fromarray(image), scale))
     labels = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
     return image, labels
 

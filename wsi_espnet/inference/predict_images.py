@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from wsi_espnet.atomic_files import replacing
+from wsi_espnet.datasets.samples import resize_image
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference.predict import predict
 from wsi_espnet.models.config import ModelConfig
@@ -148,8 +149,7 @@ def _predict_one(
     width, height = image.size
     model_input = image
     if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        model_input = image.resize(size, resample=Image.Resampling.BILINEAR)  # Pillow's bilinear is antialiased
+        model_input = resize_image(image, scale)  # exactly as the training data was resampled
     labels = predict(model, np.asarray(model_input), config=config).labels
     if labels.shape != (height, width):
         labels = np.asarray(Image.fromarray(labels).resize((width, height), resample=Image.Resampling.NEAREST))
