@@ -250,3 +250,12 @@ def test_val_without_labelled_pixels_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(InputError, match="no labelled pixels"):
         train(TrainOptions(manifest=manifest, out=tmp_path / "run", recipe=TINY), log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (AMP, channels_last, dataset cached on it)")
+def test_gpu_run_uses_amp_channels_last_and_a_device_cache(tmp_path: Path):
+    messages = _run(tmp_path / "gpu", TINY.replace(decoder_epochs=2))
+    assert any("device cuda" in m and "amp on, channels_last on, dataset cached on cuda" in m for m in messages)
+    assert (tmp_path / "gpu" / "model.safetensors").is_file()
+    rows = _history(tmp_path / "gpu" / "decoder")
+    assert all(np.isfinite(float(r["loss"])) for r in rows)

@@ -296,7 +296,11 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
     if labelled == 0:
         raise InputError(f"the val split of {str(manifest.path)!r} has no labelled pixels; nothing could be validated.")
     aside = _prepare_folder(options, run_record)
-    log(f"{manifest.name}: {len(train_samples)} train and {len(val_samples)} val samples; device {device}")
+    log(
+        f"{manifest.name}: {len(train_samples)} train and {len(val_samples)} val samples; device {device}, "
+        f"amp {'on' if amp else 'off'}, channels_last {'on' if channels_last else 'off'}, "
+        f"dataset cached on {device if cache_on_device else 'cpu'}"
+    )
     if aside is not None:
         log(f"the previous run was moved to {aside}; it is deleted when this run finishes")
 
