@@ -27,10 +27,17 @@ def test_console_script_is_installed():
     assert result.stdout.startswith("wsi-espnet ")
 
 
+def _architecture_rows(stdout: str) -> list[list[str]]:
+    """The rows of the architecture table (after the packaged models' table)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Architectures"))
+    return [line.split() for line in lines[start + 4 :] if line.strip()]
+
+
 def test_models_lists_parameters_and_multiply_adds():
     result = run_cli("models")
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+    rows = {row[0]: row for row in _architecture_rows(result.stdout)}
     assert rows["espnet"][1:3] == ["20", "364,569"]
     assert rows["espnet-c"][1:3] == ["20", "349,449"]
     assert {"espnet-a", "espnet-b", "espnet-c-shufflenet", "espnet-c-resnet"} <= rows.keys()
@@ -40,9 +47,9 @@ def test_models_lists_parameters_and_multiply_adds():
 def test_models_for_another_class_count_and_size():
     result = run_cli("models", "--num-classes", "8", "--height", "256", "--width", "256")
     assert result.returncode == 0, result.stderr
-    espnet = result.stdout.splitlines()[3].split()
+    espnet = _architecture_rows(result.stdout)[0]
     assert espnet[:2] == ["espnet", "8"]
-    default = run_cli("models").stdout.splitlines()[3].split()
+    default = _architecture_rows(run_cli("models").stdout)[0]
     # 256x256 is 1/8 of 1024x512's area; fewer classes shrink the class-wide layers further.
     assert float(espnet[3]) < float(default[3]) / 8
 

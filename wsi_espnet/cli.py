@@ -29,7 +29,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from wsi_espnet.models.registry import DEFAULT_MODEL, list_packaged_models
 
     print("Trained models in the package (use the name as --model; model cards beside the files):")
-    trained_header = f"{'name':<22} {'classes':>7} {'um/px':>6}  classes"
+    trained_header = f"{'name':<22} {'classes':>7} {'um/px':>6}  class names"
     print(trained_header)
     print("-" * len(trained_header))
     for packaged in list_packaged_models():
