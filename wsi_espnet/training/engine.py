@@ -302,6 +302,10 @@ def build_stage_engines(
         decollate=False,
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, epoch_started)
+    if progress:  # first, so the bar is closed before the epoch's validation and report line
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda output: {"loss": output["loss"].item()})
     LrScheduleHandler(
         lr_scheduler=scheduler,  # type: ignore[arg-type]  # MONAI names the pre-2.0 base class
         print_lr=False,
@@ -340,10 +344,6 @@ def build_stage_engines(
         CheckpointLoader(load_path=str(resume_from), load_dict=save_dict, map_location=_map_location(device)).attach(
             trainer
         )
-    if progress:
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda output: {"loss": output["loss"].item()})
     if tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install 'wsi-espnet[tensorboard]'.")
