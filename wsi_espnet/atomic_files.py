@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["replacing"]
+from wsi_espnet.errors import InputError
+
+__all__ = ["replacing", "write_atomically"]
 
 
 @contextlib.contextmanager
@@ -23,3 +25,14 @@ def replacing(path: Path) -> Iterator[Path]:
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` under :func:`replacing`; an ``OSError`` (full disk, no permission) becomes an InputError."""
+    try:
+        with replacing(path) as partial:
+            write(partial)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
+        ) from exc

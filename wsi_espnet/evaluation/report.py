@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw, ImageFont
 
-from wsi_espnet.atomic_files import replacing
+from wsi_espnet.atomic_files import write_atomically
 from wsi_espnet.errors import InputError, check_output_folder
 
 __all__ = ["HEAT_COLORS", "format_metrics_table", "render_confusion_png", "write_metrics_json"]
@@ -73,7 +73,7 @@ def write_metrics_json(
     if clashes:
         raise InputError(f"extra keys {clashes} would overwrite metrics of the same name; rename them.")
     text = json.dumps({**extra, **metrics}, indent=2, allow_nan=False) + "\n"
-    _write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+    write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -113,7 +113,7 @@ def render_confusion_png(
     totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     image = _draw_heat_map(shares, totals[:, 0] > 0, names, cell_size)
-    _write_atomically(path, lambda partial: image.save(partial, format="PNG"))
+    write_atomically(path, lambda partial: image.save(partial, format="PNG"))
     return path
 
 
@@ -170,13 +170,3 @@ def _rotated_text(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str,
     label = Image.new("RGB", (max(1, _text_size(font, text)[0]), line_height), "white")
     ImageDraw.Draw(label).text((0, 0), text, fill=_TEXT, font=font)
     return label.rotate(90, expand=True)
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    try:
-        with replacing(path) as partial:
-            write(partial)
-    except OSError as exc:
-        raise InputError(
-            f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
-        ) from exc

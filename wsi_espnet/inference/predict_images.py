@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from wsi_espnet.atomic_files import replacing
+from wsi_espnet.atomic_files import write_atomically
 from wsi_espnet.datasets.samples import resize_image
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference.predict import predict
@@ -155,8 +155,10 @@ def _predict_one(
         labels = np.asarray(Image.fromarray(labels).resize((width, height), resample=Image.Resampling.NEAREST))
     labels_path = out_dir / f"{source.stem}.labels.png"
     overlay_path = out_dir / f"{source.stem}.overlay.png"
-    _save_png(_label_image(labels, config), labels_path)
-    _save_png(Image.fromarray(_overlay(np.asarray(image), labels, config, alpha)), overlay_path)
+    label_image = _label_image(labels, config)
+    overlay = Image.fromarray(_overlay(np.asarray(image), labels, config, alpha))
+    write_atomically(labels_path, lambda partial: label_image.save(partial, format="PNG"))
+    write_atomically(overlay_path, lambda partial: overlay.save(partial, format="PNG"))
     counts = np.bincount(labels.ravel(), minlength=config.num_classes)
     return PredictedImage(
         source=source,
@@ -184,13 +186,3 @@ def _overlay(
     colors: NDArray[np.float32] = np.asarray(config.class_colors, dtype=np.float32)[labels]
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    try:
-        with replacing(path) as partial:
-            image.save(partial, format="PNG")
-    except OSError as exc:
-        raise InputError(
-            f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a folder you can write to with free space."
-        ) from exc
