@@ -8,6 +8,7 @@ bilinearly to the input size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from wsi_espnet.errors import InputError
 from wsi_espnet.models.config import ModelConfig, Preprocessing
 from wsi_espnet.models.espnet import TOTAL_STRIDE
 
-__all__ = ["Prediction", "predict", "predict_logits", "preprocess"]
+__all__ = ["Prediction", "normalise", "padded_forward", "predict", "predict_logits", "preprocess"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,37 @@ def preprocess(image: NDArray[np.uint8], preprocessing: Preprocessing) -> Tensor
             "convert it to RGB (drop alpha) first."
         )
     x = torch.from_numpy(image.astype(np.float32))  # a writable copy; the caller's array is never touched
+    return normalise(x.permute(2, 0, 1).unsqueeze(0), preprocessing).contiguous()
+
+
+def normalise(images: Tensor, preprocessing: Preprocessing) -> Tensor:
+    """``(B, C, H, W)`` float RGB on the 0-255 scale -> the network's input, on the images' device.
+
+    The one place the model's normalisation is applied: :func:`preprocess` and training's batches
+    (:class:`~wsi_espnet.training.engine.PrepareBatch`) both call it, so they cannot drift apart.
+    """
     if preprocessing.channel_order == "BGR":
-        x = x.flip(-1)
-    mean = torch.tensor(preprocessing.mean, dtype=torch.float32)
-    std = torch.tensor(preprocessing.std, dtype=torch.float32)
-    x = (x - mean) / std / preprocessing.scale_divisor
-    return x.permute(2, 0, 1).unsqueeze(0).contiguous()
+        images = images.flip(1)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std / preprocessing.scale_divisor
+
+
+def padded_forward(network: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+    """Logits of ``network`` for a batch of any H and W, at the batch's full resolution.
+
+    The batch is reflect-padded to multiples of 8 (replicate-padded when too small to reflect),
+    coarser (encoder, 1/8) logits are upsampled bilinearly, and the result is cropped back.
+    """
+    height, width = batch.shape[-2:]
+    pad_h, pad_w = -height % TOTAL_STRIDE, -width % TOTAL_STRIDE
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        batch = F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
+    logits = network(batch)
+    if logits.shape[-2:] != batch.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
 
 
 def predict_logits(model: nn.Module, batch: Tensor) -> Tensor:
@@ -66,21 +92,14 @@ def predict_logits(model: nn.Module, batch: Tensor) -> Tensor:
     """
     parameter = next(model.parameters())
     batch = batch.to(device=parameter.device, dtype=parameter.dtype)
-    height, width = batch.shape[-2:]
-    pad_h, pad_w = -height % TOTAL_STRIDE, -width % TOTAL_STRIDE
-    if pad_h or pad_w:
-        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-        batch = F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            logits: Tensor = model(batch).float()
-            if logits.shape[-2:] != batch.shape[-2:]:
-                logits = F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+            logits = padded_forward(model, batch).float()
     finally:
         model.train(was_training)
-    return logits[..., :height, :width]
+    return logits
 
 
 def predict(

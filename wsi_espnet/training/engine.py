@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.evaluation.confusion import ConfusionMatrix
+from wsi_espnet.inference.predict import normalise, padded_forward
 from wsi_espnet.models.checkpoint_io import save_model
 from wsi_espnet.models.config import ModelConfig, Preprocessing
-from wsi_espnet.models.espnet import TOTAL_STRIDE
 
 __all__ = [
     "EpochRecorder",
@@ -61,15 +61,13 @@ STATE_PREFIX = "state"
 class PrepareBatch:
     """Batch dict -> (normalised images, (B, H, W) int64 labels) on the device.
 
-    Normalisation is the model's :class:`Preprocessing`, applied here on the device so that cached
-    GPU data never goes back to the CPU; ``channels_last`` switches the memory format.
+    Normalisation is the model's :class:`Preprocessing` (:func:`normalise`, as ``predict`` does it),
+    applied here on the device so that cached GPU data never goes back to the CPU; ``channels_last``
+    switches the memory format.
     """
 
     def __init__(self, preprocessing: Preprocessing, *, channels_last: bool = False) -> None:
-        self.order = [2, 1, 0] if preprocessing.channel_order == "BGR" else [0, 1, 2]
-        self.mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.divisor = preprocessing.scale_divisor
+        self.preprocessing = preprocessing
         self.channels_last = channels_last
 
     def __call__(
@@ -80,7 +78,7 @@ class PrepareBatch:
         # cost on CPU at CamVid batch sizes, but nothing to gain either, and logits stay plain tensors).
         images = _plain(batch["image"]).to(device=device, non_blocking=non_blocking, dtype=torch.float32)
         labels = _plain(batch["label"]).to(device=device, non_blocking=non_blocking)
-        images = (images[:, self.order] - self.mean.to(images.device)) / self.std.to(images.device) / self.divisor
+        images = normalise(images, self.preprocessing)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels[:, 0].round().long()
@@ -112,18 +110,10 @@ class SegmentationLoss(nn.Module):
 
 
 class PaddedInferer(Inferer):
-    """Whole-image inference for any size: reflect-pad to a multiple of 8, upsample 1/8 logits, crop."""
+    """Whole-image inference for any size, exactly as ``predict`` does it (:func:`padded_forward`)."""
 
     def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Tensor:
-        height, width = inputs.shape[-2:]
-        pad_h, pad_w = -height % TOTAL_STRIDE, -width % TOTAL_STRIDE
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            inputs = F.pad(inputs, (0, pad_w, 0, pad_h), mode=mode)
-        logits: Tensor = network(inputs, *args, **kwargs)
-        if logits.shape[-2:] != inputs.shape[-2:]:
-            logits = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :height, :width]
+        return padded_forward(lambda batch: network(batch, *args, **kwargs), inputs)
 
 
 class GlobalIoU(Metric):
