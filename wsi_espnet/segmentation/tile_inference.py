@@ -98,8 +98,8 @@ def resolve_device(device: str, precision: str) -> tuple[str, str]:
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             raise InputError(
-                f"device {device!r} was asked for but this worker has {torch.cuda.device_count()} CUDA GPU(s); "
-                "use --device cpu or auto."
+                f"device {device!r} was asked for but this process (or Dask worker) sees "
+                f"{torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto."
             )
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"

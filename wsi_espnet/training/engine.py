@@ -12,7 +12,6 @@ by val mIoU as a ``.safetensors`` file with its :class:`ModelConfig`.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import time
@@ -38,7 +37,6 @@ from monai.inferers import Inferer
 from torch import Tensor, nn
 
 from wsi_espnet.atomic_files import replacing
-from wsi_espnet.errors import ConfigError
 from wsi_espnet.evaluation.confusion import ConfusionMatrix
 from wsi_espnet.inference.predict import normalise, padded_forward
 from wsi_espnet.models.checkpoint_io import save_model
@@ -334,9 +332,7 @@ def build_stage_engines(
         CheckpointLoader(load_path=str(resume_from), load_dict=save_dict, map_location=_map_location(device)).attach(
             trainer
         )
-    if tensorboard:
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'wsi-espnet[tensorboard]'.")
+    if tensorboard:  # train() has checked that the package is installed
         from monai.handlers import TensorBoardStatsHandler
 
         TensorBoardStatsHandler(

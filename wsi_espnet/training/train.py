@@ -74,18 +74,18 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; a named device that is missing is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu or auto.")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"--device {name!r} is not a device name; use auto, cpu or cuda[:N].") from exc
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return device
+    """``auto`` -> CUDA when present, else CPU; a named device that is missing is an input error.
+
+    The availability rules are ``segment``'s (:func:`wsi_espnet.segmentation.tile_inference.resolve_device`).
+    """
+    from wsi_espnet.segmentation.tile_inference import resolve_device as resolve_inference_device
+
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError as exc:
+            raise InputError(f"--device {name!r} is not a device name; use auto, cpu or cuda[:N].") from exc
+    return torch.device(resolve_inference_device(name, "fp32")[0])
 
 
 def transfer_weights(source: dict[str, torch.Tensor], target: nn.Module) -> tuple[list[str], list[str]]:
