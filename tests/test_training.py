@@ -15,6 +15,7 @@ from wsi_espnet.datasets.manifest import load_manifest
 from wsi_espnet.errors import CheckpointError, ConfigError, InputError
 from wsi_espnet.evaluation.evaluate import evaluate_split
 from wsi_espnet.models import load_model
+from wsi_espnet.models.registry import default_model_path
 from wsi_espnet.training.recipe import TrainingRecipe, load_recipe
 from wsi_espnet.training.statistics import paper_class_weights
 from wsi_espnet.training.train import TrainOptions, train
@@ -259,3 +260,27 @@ def test_gpu_run_uses_amp_channels_last_and_a_device_cache(tmp_path: Path):
     assert (tmp_path / "gpu" / "model.safetensors").is_file()
     rows = _history(tmp_path / "gpu" / "decoder")
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_the_dataset_cache_holds_uint8_and_batches_come_out_float(shared_data: Path):
+    """CacheDataset keeps everything up to the first random transform: no float cast may sit before it."""
+    from monai.data import CacheDataset
+
+    from wsi_espnet.datasets.samples import list_samples
+    from wsi_espnet.training.engine import PrepareBatch
+    from wsi_espnet.training.transforms import train_transforms
+
+    manifest = load_manifest(BREAST)
+    samples = list_samples(manifest, "val")[:2]
+    for scale in ((1.0, 1.0), (0.8, 1.25)):
+        transforms = train_transforms(manifest, crop_size=(64, 64), scale_range=scale, ignore_index=255)
+        dataset = CacheDataset([{"sample": s} for s in samples], transform=transforms, progress=False)
+        cached = dataset._cache[0]
+        assert cached["image"].dtype == cached["label"].dtype == torch.uint8
+        item = dataset[0]
+        images, labels = PrepareBatch(load_model(default_model_path())[1].preprocessing)(
+            {"image": torch.as_tensor(item["image"])[None], "label": torch.as_tensor(item["label"])[None]}, "cpu"
+        )
+        assert images.dtype == torch.float32
+        assert labels.dtype == torch.int64
+        assert set(labels.unique().tolist()) <= {0, 1, 255}

@@ -79,7 +79,7 @@ class PrepareBatch:
         images = normalise(images, self.preprocessing)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels[:, 0].round().long()
+        return images, labels[:, 0].round().long() if labels.is_floating_point() else labels[:, 0].long()
 
 
 def _plain(value: Any) -> Tensor:

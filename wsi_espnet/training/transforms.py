@@ -1,12 +1,12 @@
 """MONAI dictionary transforms for training and evaluation.
 
 Items are dicts ``{"sample": Sample}``; :class:`LoadSampled` turns them into ``"image"`` (3, H, W)
-on the 0-255 scale and ``"label"`` (1, H, W) class ids, both uint8 (what the dataset caches), then
-cast to float32 for the spatial transforms. Training adds the paper's
+on the 0-255 scale and ``"label"`` (1, H, W) class ids, both uint8 (what the dataset caches;
+``RandZoomd`` and the batch preparation make float32 copies). Training adds the paper's
 multi-scale augmentation (a random scale, then a fixed-size random crop, padded with the ignore
 index where the scaled image is smaller), horizontal flips, and for histology vertical flips,
 90-degree rotations and stain (HED) jitter. Normalisation is not a transform: it happens batch-wise
-on the device (:func:`wsi_espnet.training.engine.prepare_batch`) with the model's own preprocessing,
+on the device (:class:`wsi_espnet.training.engine.PrepareBatch`) with the model's own preprocessing,
 so the training input and ``predict``'s input cannot drift apart.
 
 Every random transform runs on the tensors' device, so with ``cache_on_device`` the whole
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import (
-    CastToTyped,
     Compose,
     MapTransform,
     RandFlipd,
@@ -55,7 +54,9 @@ class LoadSampled(MapTransform):
         out = dict(data)
         sample = out.pop("sample")
         image, labels = load_sample(self.manifest, sample, target_mpp=self.target_mpp)
-        # uint8 while cached (4 bytes per pixel instead of 16); CastToTyped makes float32 copies later.
+        # uint8 in the cache (4 bytes per pixel instead of 16): CacheDataset keeps every result up to
+        # the first random transform, so no cast may come before those; RandZoomd and PrepareBatch
+        # produce float32 themselves.
         out["image"] = torch.from_numpy(image.transpose(2, 0, 1).copy())
         out["label"] = torch.from_numpy(labels[None].copy())
         out["name"] = sample.name
@@ -99,13 +100,9 @@ class RandHedJitterd(RandomizableTransform, MapTransform):
         return out
 
 
-def _to_float() -> CastToTyped:
-    return CastToTyped(keys=["image", "label"], dtype=torch.float32)
-
-
 def eval_transforms(manifest: DatasetManifest, *, target_mpp: float | None = None) -> Compose:
     """Load only: evaluation runs on whole images."""
-    return Compose([LoadSampled(manifest, target_mpp=target_mpp), _to_float()])
+    return Compose([LoadSampled(manifest, target_mpp=target_mpp)])
 
 
 def train_transforms(
@@ -122,7 +119,6 @@ def train_transforms(
     transforms: list[Any] = [LoadSampled(manifest)]
     if device is not None:
         transforms.append(ToDeviced(keys=["image", "label"], device=device))
-    transforms.append(_to_float())
     if scale_range != (1.0, 1.0):
         transforms.append(
             RandZoomd(
