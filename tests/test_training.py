@@ -284,3 +284,15 @@ def test_the_dataset_cache_holds_uint8_and_batches_come_out_float(shared_data: P
         assert images.dtype == torch.float32
         assert labels.dtype == torch.int64
         assert set(labels.unique().tolist()) <= {0, 1, 255}
+
+
+def test_real_bad_files_as_init_or_image_are_refused_cleanly(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    bad = shared_data / "bad-inputs"
+    out = tmp_path / "run"
+    assert main(["train", str(BREAST), "--init", str(bad / "strip-tiff-not-a-pyramid.tif"), "--out", str(out)]) == 3
+    assert "cannot read" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run folder was made
+    assert main(["predict", str(bad / "malformed-wsi.dcm"), "--out", str(tmp_path / "p")]) == 2
+    assert "is not an image file" in capsys.readouterr().err
