@@ -14,10 +14,14 @@ readable file that cannot serve as an 8-bit RGB slide).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +32,7 @@ import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 from tiffslide import TiffSlide
+from zarr.core import sync as zarr_sync
 
 __all__ = [
     "BACKEND_ERRORS",
@@ -78,6 +83,7 @@ class BackendMetadata:
     vendor: str | None
     associated_images: tuple[str, ...]
     properties: Mapping[str, str]
+    damage: tuple[str, ...] = ()  # damage that spares the pyramid levels: a truncated tail, lost associated images
 
 
 class Backend(Protocol):
@@ -136,27 +142,117 @@ def _as_strings(properties: Mapping[str, object]) -> dict[str, str]:
 # --- TIFF integrity ---------------------------------------------------------------------------
 
 
-def _check_tiff_complete(tiff: tifffile.TiffFile, file_size: int) -> None:
-    """Raise :class:`DamagedFileError` unless every tile or strip of every page of every series ends within the file.
+class _TifffileMessages(logging.Filter):
+    """Collects what tifffile logs while this thread opens a file, instead of letting it reach stderr.
 
-    Checked at open time so that a cut-off copy fails at once instead of midway through a slide.
+    tifffile reports a broken directory chain or an odd series only through its logger; the backend
+    turns those reports into its own warnings and errors, which name the file and say what to do.
+    Installed once on the ``tifffile`` logger; other threads' messages pass through untouched.
     """
-    if len(tiff.pages) == 0:
-        raise DamagedFileError("it holds no readable image directory")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink: list[str] | None = getattr(self._local, "sink", None)
+        if sink is None:
+            return True
+        sink.append(record.getMessage())
+        return False
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[list[str]]:
+        previous = getattr(self._local, "sink", None)
+        sink: list[str] = []
+        self._local.sink = sink
+        try:
+            yield sink
+        finally:
+            self._local.sink = previous
+
+
+_TIFFFILE_MESSAGES = _TifffileMessages()
+logging.getLogger("tifffile").addFilter(_TIFFFILE_MESSAGES)
+
+
+def _chunk_ends(page: tifffile.TiffPage) -> NDArray[np.int64]:
+    """Byte just past each tile or strip of ``page`` that holds data (omitted ones have no bytes)."""
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    return (offsets + counts)[counts > 0]
+
+
+def _check_pyramid_page(page: tifffile.TiffPage, level: int, file_size: int) -> None:
+    """Raise :class:`DamagedFileError` unless the tile table of ``page`` backs the size it declares."""
+    height, width = page.imagelength, page.imagewidth
+    expected, listed = math.prod(page.chunked), len(page.dataoffsets)
+    if listed != expected:
+        raise DamagedFileError(
+            f"level {level} declares {width:,} x {height:,} pixels in {page.chunks[1]} x {page.chunks[0]} tiles, "
+            f"which takes {expected:,} tiles, but its tile table lists {listed:,}"
+        )
+    ends = _chunk_ends(page)
+    if ends.size == 0:
+        raise DamagedFileError(f"level {level} declares {width:,} x {height:,} pixels but none of its tiles hold data")
+    beyond = int(np.count_nonzero(ends > file_size))
+    if beyond:
+        raise DamagedFileError(
+            f"{beyond} of {ends.size} tiles of level {level} end beyond the file's {file_size:,} bytes "
+            f"(the last ends at byte {int(ends.max()):,})"
+        )
+
+
+def _check_has_pages(tiff: tifffile.TiffFile, file_size: int, messages: list[str]) -> None:
+    if len(tiff.pages):
+        return
+    for message in messages:
+        match = re.search(r"invalid offset to first page (\d+)", message)
+        if match:
+            raise DamagedFileError(
+                f"it is {file_size:,} bytes long but its first image directory is at byte {int(match.group(1)):,}"
+            )
+    raise DamagedFileError("it holds no readable image directory")
+
+
+def _inspect_tiff(
+    tiff: tifffile.TiffFile, pyramid: tifffile.TiffPageSeries, file_size: int, messages: list[str]
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """Check a TIFF slide's structure before any pixel is read.
+
+    Raises :class:`DamagedFileError` when a pyramid level cannot be read whole: a tile table that
+    cannot hold the size the level declares (tiles missing or absurd dimensions), no tile data at all,
+    or tiles ending past the file's end. Scanners may omit empty tiles, so a level with some tiles
+    absent still opens. Damage that spares the pyramid (a cut-off directory chain, associated images
+    whose data is gone) is returned as warnings with the names of the unreadable associated images.
+    """
+    _check_has_pages(tiff, file_size, messages)
+    for level, series_level in enumerate(pyramid.levels):
+        for page in series_level.pages:
+            if isinstance(page, tifffile.TiffPage):
+                _check_pyramid_page(page, level, file_size)
+    warnings_: list[str] = []
+    for message in messages:
+        match = re.search(r"invalid page offset (\d+)", message)
+        if match:
+            warnings_.append(
+                f"the file is truncated: it is {file_size:,} bytes long but its directory chain continues at byte "
+                f"{int(match.group(1)):,}, so the images stored after that (smaller pyramid levels or associated "
+                "images) are missing. The pyramid levels listed are intact and are used"
+            )
+    unreadable: set[str] = set()
     for series in tiff.series:
-        for level_index, level in enumerate(series.levels):
-            for page in level.pages:
-                if page is None:
-                    continue
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                ends = (offsets + counts)[counts > 0]
-                if ends.size and int(ends.max()) > file_size:
-                    beyond = int(np.count_nonzero(ends > file_size))
-                    raise DamagedFileError(
-                        f"{beyond} of {ends.size} tiles/strips of level {level_index} of image {series.name!r} "
-                        f"end beyond the file's {file_size} bytes (the last ends at byte {int(ends.max())})"
-                    )
+        if series is pyramid:
+            continue
+        for page in series.pages:
+            if isinstance(page, tifffile.TiffPage) and np.any(_chunk_ends(page) > file_size):
+                unreadable.add(series.name.lower())
+    if unreadable:
+        warnings_.append(
+            f"the data of the associated image(s) {', '.join(sorted(unreadable))} ends past the file's end; they "
+            "are left out (the file is probably truncated)"
+        )
+    return tuple(warnings_), frozenset(unreadable)
 
 
 # --- tiffslide ----------------------------------------------------------------------------------
@@ -170,29 +266,37 @@ class TiffSlideBackend:
     """
 
     def __init__(self, path: Path) -> None:
-        self._slide = TiffSlide(path)
-        try:
-            _check_tiff_complete(self.tiff, path.stat().st_size)
-            with warnings.catch_warnings():
-                # tiffslide says this for every NDPI file; it reads NDPI pixels, levels, MPP and
-                # objective power correctly, which is all we use.
-                warnings.filterwarnings(
-                    "ignore", message="hamamatsu-format metadata parsing only partially", category=UserWarning
-                )
-                raw = self._slide.properties
-            series = self.tiff.series[int(raw["tiffslide.series-index"])]
-            keyframe = series.levels[0].keyframe
-            self.is_flat = len(series.levels) == 1 and keyframe is not None and not keyframe.is_tiled
-            self.metadata = self._describe(series, raw)
-        except BaseException:
-            self._slide.close()
-            raise
+        with _TIFFFILE_MESSAGES.collect() as messages:
+            self._slide = TiffSlide(path)
+            try:
+                _check_has_pages(self.tiff, path.stat().st_size, messages)
+                with warnings.catch_warnings():
+                    # tiffslide says this for every NDPI file; it reads NDPI pixels, levels, MPP and
+                    # objective power correctly, which is all we use.
+                    warnings.filterwarnings(
+                        "ignore", message="hamamatsu-format metadata parsing only partially", category=UserWarning
+                    )
+                    raw = self._slide.properties
+                series = self.tiff.series[int(raw["tiffslide.series-index"])]
+                damage, unreadable = _inspect_tiff(self.tiff, series, path.stat().st_size, messages)
+                keyframe = series.levels[0].keyframe
+                self.is_flat = len(series.levels) == 1 and keyframe is not None and not keyframe.is_tiled
+                self.metadata = self._describe(series, raw, damage, unreadable)
+            except BaseException:
+                self._slide.close()
+                raise
 
     @property
     def tiff(self) -> tifffile.TiffFile:
         return self._slide.ts_tifffile
 
-    def _describe(self, series: tifffile.TiffPageSeries, raw: Mapping[str, Any]) -> BackendMetadata:
+    def _describe(
+        self,
+        series: tifffile.TiffPageSeries,
+        raw: Mapping[str, Any],
+        damage: tuple[str, ...],
+        unreadable: frozenset[str],
+    ) -> BackendMetadata:
         axes = str(raw["tiffslide.series-axes"])
         channels = 1 if axes == "YX" else int(series.shape[axes.index("C" if "C" in axes else "S")])
         if series.dtype != np.uint8 or channels not in (1, 2, 3, 4):
@@ -209,8 +313,9 @@ class TiffSlideBackend:
             mpp_xy=mpp_xy,
             objective_power=_positive_float(raw.get("tiffslide.objective-power")),
             vendor=raw.get("tiffslide.vendor") or None,
-            associated_images=tuple(self._slide.associated_images),
+            associated_images=tuple(name for name in self._slide.associated_images if name not in unreadable),
             properties=_as_strings(raw),
+            damage=damage,
         )
 
     def read(self, level: int, top: int, left: int, height: int, width: int) -> NDArray[np.uint8]:
@@ -218,7 +323,11 @@ class TiffSlideBackend:
         # the level-0 coordinate that lands exactly on (top, left) even for non-integer downsamples.
         downsample = self._slide.level_downsamples[level]
         x, y = _level0_coordinate(left, downsample), _level0_coordinate(top, downsample)
-        pixels = self._slide.read_region((x, y), level, (width, height), as_array=True, padding=False)
+        try:
+            pixels = self._slide.read_region((x, y), level, (width, height), as_array=True, padding=False)
+        except BaseException:
+            _settle_zarr_io()
+            raise
         return as_rgb(np.asarray(pixels))
 
     def read_associated(self, name: str) -> NDArray[np.uint8]:
@@ -226,6 +335,24 @@ class TiffSlideBackend:
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _settle_zarr_io(timeout: float = 10.0) -> None:
+    """Wait until zarr's I/O loop has finished the chunk reads of a read that failed.
+
+    tiffslide reads through zarr, which decodes a window's tiles concurrently; when one tile fails,
+    the read raises at once while its sibling tasks are still running. Closing the file under them,
+    or exiting, then prints tracebacks and "Task was destroyed but it is pending!" for each.
+    """
+
+    async def settle() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        zarr_sync.sync(settle())
 
 
 def _level0_coordinate(level_coordinate: int, downsample: float) -> int:
@@ -308,6 +435,7 @@ class ImageBackend:
         self._pixels: NDArray[np.uint8] | None = None
         self._lock = threading.Lock()
         self._is_tiff = path.suffix.lower() in (".tif", ".tiff") or _starts_like_tiff(path)
+        self._damage: tuple[str, ...] = ()
         height, width, mpp_xy, properties = self._read_header()
         if height * width > MAX_IN_MEMORY_PIXELS:
             raise UnsupportedSlideError(
@@ -322,12 +450,13 @@ class ImageBackend:
             vendor=None,
             associated_images=(),
             properties=properties,
+            damage=self._damage,
         )
 
     def _read_header(self) -> tuple[int, int, tuple[float, float] | None, dict[str, str]]:
         if self._is_tiff:
-            with tifffile.TiffFile(self._path) as tiff:
-                _check_tiff_complete(tiff, self._path.stat().st_size)
+            with _TIFFFILE_MESSAGES.collect() as messages, tifffile.TiffFile(self._path) as tiff:
+                self._damage, _ = _inspect_tiff(tiff, tiff.series[0], self._path.stat().st_size, messages)
                 page = tiff.pages.first
                 properties = {"image.format": "TIFF", "tiff.ImageDescription": page.description}
                 return page.imagelength, page.imagewidth, _tiff_mpp(page), properties

@@ -135,6 +135,11 @@ class SlideReader:
         return self._metadata.associated_images
 
     @property
+    def damage(self) -> tuple[str, ...]:
+        """Sentences on damage found at open time that spares the pyramid levels (e.g. a truncated tail)."""
+        return self._metadata.damage
+
+    @property
     def properties(self) -> dict[str, str]:
         """The raw metadata as the backend reports it (a copy)."""
         return dict(self._metadata.properties)
@@ -323,6 +328,8 @@ def open_slide(
         raise SlideError(f"backend={backend!r} is not one of {', '.join(repr(c) for c in choices)}; use 'auto'.")
     if not path.exists():
         raise SlideError(f"{path} does not exist; check the path (and that the drive or share is mounted).")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideError(f"{path} is empty (0 bytes): the copy or download did not complete; {_RECOPY}.")
     name: BackendName
     if backend == "auto":
         name, handle = _open_auto(path)
@@ -354,6 +361,12 @@ def _open_auto(path: Path) -> tuple[BackendName, Backend]:
         raise SlideError(
             f"{path} has the unsupported file type {path.suffix or '(no suffix)'!r}. Supported: {SUPPORTED_FORMATS}."
         )
+    disguised = _image_format_by_content(path)
+    if disguised:
+        raise SlideError(
+            f"{path} is a {disguised} image named {path.suffix!r}, not a whole-slide image. Rename it to "
+            f".{disguised.lower()} to segment it as a flat image (with --mpp), or use the original slide file."
+        )
     try:
         tiff_backend = TiffSlideBackend(path)
     except DamagedFileError as exc:
@@ -373,6 +386,19 @@ def _open_auto(path: Path) -> tuple[BackendName, Backend]:
         tiff_backend.close()
         return "image", _open_backend(path, "image")
     return "tiffslide", tiff_backend
+
+
+_MAGIC_NUMBERS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def _image_format_by_content(path: Path) -> str | None:
+    """The image format (PNG or JPEG) that the file's first bytes show, whatever its name; else None."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+    except OSError:
+        return None
+    return next((name for magic, name in _MAGIC_NUMBERS.items() if head.startswith(magic)), None)
 
 
 def _open_backend(path: Path, name: BackendName) -> Backend:
@@ -446,4 +472,5 @@ def describe_slide(reader: SlideReader) -> str:
     power = reader.objective_power
     lines.append(f"objective power:   {'unknown' if power is None else f'{power:g}x'}")
     lines.append(f"associated images: {', '.join(reader.associated_images) or 'none'}")
+    lines.extend(f"warning:           {sentence}." for sentence in reader.damage)
     return "\n".join(lines)
