@@ -9,9 +9,13 @@ fit; 130 interrupted (rerun the same command to resume); 1 an unexpected interna
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,14 +144,57 @@ def _log(message: str) -> None:
     print(f"wsi-espnet: {message}", file=sys.stderr)
 
 
-def _cmd_segment(args: argparse.Namespace) -> int:
+class _RunLog(logging.Handler):
+    """The last log records of a run, kept in memory and written next to its outputs if the run fails."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: collections.deque[str] = collections.deque(maxlen=capacity)
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def _failure_log(slide: Path, out_dir: Path | None) -> Iterator[None]:
+    """On failure, write ``<out>/<slide>.segment.log`` (the run's log and the full traceback) and say where.
+
+    Workers' tracebacks (Dask's "Compute Failed" records) and the exception's own chain go there
+    rather than onto the terminal, where one sentence says what went wrong and what to do.
+    """
+    handler = _RunLog()
+    loggers = [logging.getLogger(name) for name in ("wsi_espnet", "distributed")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    except Exception as exc:
+        folder = (out_dir or slide.absolute().parent).absolute()
+        path = folder / f"{slide.name if slide.is_dir() else slide.stem}.segment.log"
+        if folder.is_dir():
+            with contextlib.suppress(OSError):
+                text = "\n".join([*handler.lines, "", *traceback.format_exception(exc)])
+                path.write_text(f"wsi-espnet {__version__} {' '.join(sys.argv)}\n{text}")
+                exc.add_note(f"the full log, with the traceback for a bug report, is in {path}")
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def _run_segment(slide: Path, model: Path, args: argparse.Namespace) -> int:
     from wsi_espnet.segmentation.segment_slide import segment_slide
 
     options = _segment_options(args)
-    model = _model_path(args.model)
-    result = segment_slide(args.slide, model, options, log=_log)
+    with _failure_log(slide, options.out_dir):
+        result = segment_slide(slide, model, options, log=_log)
     _print_summary(result, quiet=args.quiet)
     return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    return _run_segment(args.slide, _model_path(args.model), args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -247,17 +294,12 @@ def _crop(text: str) -> tuple[int, int]:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from wsi_espnet.demo import demo_model, sample_slide
-    from wsi_espnet.segmentation.segment_slide import segment_slide
 
     slide = sample_slide(log=_log)
     model, target_mpp = demo_model(log=_log)
-    args.model, args.target_mpp = model, args.target_mpp or target_mpp
+    args.target_mpp = args.target_mpp or target_mpp
     args.out = args.out or Path("wsi-espnet-demo")
-    result = segment_slide(
-        slide, model, _segment_options(args), log=lambda m: print(f"wsi-espnet: {m}", file=sys.stderr)
-    )
-    _print_summary(result, quiet=args.quiet)
-    return 0
+    return _run_segment(slide, model, args)
 
 
 def _model_path(model: Path | None) -> Path:
@@ -403,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except WsiEspnetError as exc:
         print(f"wsi-espnet: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"wsi-espnet: {note}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         hint = "rerun with --resume to continue" if args.command == "train" else "rerun the same command to resume"

@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -250,7 +251,8 @@ def _dask_client(options: SegmentOptions) -> Iterator[Client]:
     threads = options.workers or max(2, os.cpu_count() or 1)
     # In-process: the model is loaded once and shared; one thread runs it while the others read and write.
     with LocalCluster(
-        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0", silence_logs=40
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0",
+        silence_logs=logging.CRITICAL,  # worker errors reach the caller as exceptions; the CLI logs the rest
     ) as cluster, Client(cluster) as client:  # fmt: skip
         yield client
 
@@ -307,6 +309,8 @@ def segment_slide(
     # Absolute paths: workers on other machines or in other folders must find the same files.
     slide_path, model_path = Path(slide).absolute(), Path(model_path).absolute()
     reader = open_slide(slide_path, backend=options.backend, mpp=options.mpp)  # type: ignore[arg-type]
+    for sentence in reader.damage:
+        log(f"warning: {slide_path.name}: {sentence}.")
     model, config = load_model(model_path)  # a full load: a bad checkpoint fails here, before any work starts
     model_sha = file_sha256(model_path)
     target_mpp = options.target_mpp or config.target_mpp
@@ -440,6 +444,7 @@ def segment_slide(
                 "path": str(slide_path.resolve()), "sha256": checksum.get("sha256"), "backend": reader.backend,
                 "vendor": reader.vendor, "level_shapes": reader.level_shapes, "mpp": reader.mpp,
                 "mpp_source": reader.mpp_source, "objective_power": reader.objective_power,
+                "damage": list(reader.damage),
             },
             "model": {
                 "name": config.name, "path": str(model_path.resolve()), "sha256": model_sha, "variant": config.variant,
@@ -548,24 +553,35 @@ def _run_groups(
             try:
                 result: TileGroupResult = future.result()
             except KilledWorker as exc:
-                client.cancel(list(futures.futures))
+                _drain(futures)
                 raise InputError(
                     "a Dask worker died while segmenting (most often it ran out of memory); lower --tile-size or "
                     "--batch-size, or give workers more memory, then rerun the same command to resume."
                 ) from exc
             except torch.OutOfMemoryError as exc:
-                client.cancel(list(futures.futures))
+                _drain(futures)
                 raise InputError(
                     "the GPU ran out of memory; lower --batch-size or --tile-size, then rerun the command to resume."
                 ) from exc
-            except Exception:
-                client.cancel(list(futures.futures))
+            except BaseException:
+                _drain(futures)
                 raise
             results.append(result)
             bar.update(len(result.tiles))
             for group in _take(pending, 1):
                 futures.add(jobs.submit(client, group))
     return results
+
+
+def _drain(futures: as_completed) -> None:
+    """Let the tasks already submitted finish (their errors are dropped) before the failure is raised.
+
+    Running tasks cannot be stopped mid-write; closing the cluster under them would leave zarr writes
+    in flight and print their tracebacks. The tiles they finish are flagged, so a rerun has less to do.
+    """
+    for future in futures:  # a second Ctrl-C (KeyboardInterrupt) stops the wait
+        with contextlib.suppress(Exception):
+            future.result()
 
 
 def _take(iterator: Iterator[list[Tile]], count: int) -> list[list[Tile]]:
