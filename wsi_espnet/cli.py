@@ -198,12 +198,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from wsi_espnet.devices import resolve
     from wsi_espnet.inference.predict_images import predict_image_files
     from wsi_espnet.models import load_model
-    from wsi_espnet.segmentation.tile_inference import resolve_device
 
-    device, _ = resolve_device(args.device, "fp32")
-    model, config = load_model(_model_path(args.model), device=device)
+    placement = resolve(args.device, "fp32")
+    model, config = load_model(_model_path(args.model), device=placement.device)
     if config.target_mpp is not None and args.mpp is None:
         _log(f"the model expects {config.target_mpp:g} um/px; images are used as they are (pass --mpp to resample)")
     for result in predict_image_files(model, config, args.images, args.out, mpp=args.mpp, alpha=args.alpha):
@@ -254,15 +254,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from wsi_espnet.datasets.manifest import load_manifest
+    from wsi_espnet.devices import resolve
     from wsi_espnet.evaluation import format_metrics_table
     from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
     from wsi_espnet.models import load_model
-    from wsi_espnet.training.train import resolve_device
 
+    placement = resolve(args.device, "fp32")
     manifest = load_manifest(args.manifest)
     manifest.check_split(args.split)
     model, config = load_model(_model_path(args.model), num_classes=args.num_classes)
-    model = model.to(resolve_device(args.device))
+    model = model.to(placement.torch_device)
     confusion = evaluate_split(model, config, manifest, args.split, progress=not args.quiet)
     out = args.out or Path(".")
     try:
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="output folder for NAME.labels.png, NAME.overlay.png")
     predict.add_argument("--mpp", type=float, default=None, help="the images' um/px (resampled to the model's)")
     predict.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)")
-    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     predict.set_defaults(run=_cmd_predict)
 
     train = commands.add_parser("train", help="train ESPNet on a dataset manifest with MONAI engines")

@@ -37,6 +37,7 @@ from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.datasets.manifest import DatasetManifest, load_manifest
 from wsi_espnet.datasets.samples import Sample, list_samples, load_sample
+from wsi_espnet.devices import resolve
 from wsi_espnet.errors import CheckpointError, ConfigError, InputError, WsiEspnetError
 from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
 from wsi_espnet.models.checkpoint_io import file_sha256, load_model
@@ -49,7 +50,7 @@ from wsi_espnet.training.recipe import Stage, TrainingRecipe
 from wsi_espnet.training.statistics import DatasetStatistics, compute_statistics, paper_class_weights
 from wsi_espnet.training.transforms import eval_transforms, train_transforms
 
-__all__ = ["TrainOptions", "TrainResult", "resolve_device", "train", "transfer_weights"]
+__all__ = ["TrainOptions", "TrainResult", "train", "transfer_weights"]
 
 
 @dataclass(frozen=True)
@@ -71,21 +72,6 @@ class TrainResult:
     metrics: dict[str, Any]
     seconds: float
     stages_run: tuple[str, ...]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; a named device that is missing is an input error.
-
-    The availability rules are ``segment``'s (:func:`wsi_espnet.segmentation.tile_inference.resolve_device`).
-    """
-    from wsi_espnet.segmentation.tile_inference import resolve_device as resolve_inference_device
-
-    if name != "auto":
-        try:
-            torch.device(name)
-        except RuntimeError as exc:
-            raise InputError(f"--device {name!r} is not a device name; use auto, cpu or cuda[:N].") from exc
-    return torch.device(resolve_inference_device(name, "fp32")[0])
 
 
 def transfer_weights(source: dict[str, torch.Tensor], target: nn.Module) -> tuple[list[str], list[str]]:
@@ -147,12 +133,12 @@ def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> Path |
     out = options.out
     record_path = out / "run.json"
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; give a folder for the run.")
+        raise InputError(f"[[out]] {str(out)!r} is a file; give a folder for the run.")
     if out.is_dir() and any(out.iterdir()):
         if options.overwrite:
             if not record_path.is_file():
                 raise InputError(
-                    f"--out {str(out)!r} is not empty and holds no training run; refusing to delete it. "
+                    f"[[out]] {str(out)!r} is not empty and holds no training run; refusing to delete it. "
                     "Give an empty or new folder."
                 )
             aside = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
@@ -163,7 +149,7 @@ def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> Path |
             return aside
         if options.resume:
             if not record_path.is_file():
-                raise InputError(f"--resume: {str(out)!r} holds no training run (no run.json).")
+                raise InputError(f"[[resume=True]]: {str(out)!r} holds no training run (no run.json).")
             saved = json.loads(record_path.read_text())
             changed = [k for k in ("manifest_sha256", "name") if saved.get(k) != run_record.get(k)]
             old, new = saved.get("recipe", {}), run_record["recipe"]
@@ -174,19 +160,20 @@ def _prepare_folder(options: TrainOptions, run_record: dict[str, Any]) -> Path |
             ]
             if changed:
                 raise InputError(
-                    f"--resume: the run in {str(out)!r} was started with a different {', '.join(changed)}; "
+                    f"[[resume=True]]: the run in {str(out)!r} was started with a different {', '.join(changed)}; "
                     "resume with the same manifest and settings, or start a new run in another folder."
                 )
             return None
         raise InputError(
-            f"{str(out)!r} already holds a run; pass --resume to continue it or --overwrite to start again."
+            f"{str(out)!r} already holds a run; pass [[resume=True]] to continue it or [[overwrite=True]] to start "
+            "again."
         )
     if options.resume:
-        raise InputError(f"--resume: there is no run in {str(out)!r} to continue.")
+        raise InputError(f"[[resume=True]]: there is no run in {str(out)!r} to continue.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create the run folder {str(out)!r}: {exc.strerror}; choose another --out.") from exc
+        raise InputError(f"cannot create the run folder {str(out)!r}: {exc.strerror}; choose another [[out]].") from exc
     with replacing(record_path) as tmp:
         tmp.write_text(json.dumps(run_record, indent=2))
     return None
@@ -245,7 +232,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
     started = time.perf_counter()
     recipe = options.recipe
     manifest = load_manifest(options.manifest)
-    device = resolve_device(options.device)
+    device = resolve(options.device).torch_device
     name = options.name or f"espnet-{manifest.name}"
     run_record = {
         "name": name,
@@ -264,7 +251,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
     if recipe.init is not None:
         init_model = load_model(resolve_model_path(recipe.init))
     if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'wsi-espnet[tensorboard]'.")
+        raise ConfigError("[[tensorboard=True]] needs the tensorboard package: pip install 'wsi-espnet[tensorboard]'.")
     ignore = manifest.ignore_index if manifest.ignore_index is not None else 255
 
     cache_on_device = _switch(recipe.cache_on_device, device) and _fits_on_device(
@@ -398,7 +385,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
             except (RuntimeError, OSError, KeyError, EOFError) as exc:
                 raise CheckpointError(
                     f"the training state {str(resume_from)!r} cannot be read ({exc}); delete it to resume from the "
-                    "epoch before, or start again with --overwrite."
+                    "epoch before, or start again with [[overwrite=True]]."
                 ) from exc
             saved_epoch = int(saved.get("epoch", saved.get("iteration", 0) // max(saved.get("epoch_length", 1), 1)))
             log(f"stage {stage}: resuming after epoch {saved_epoch} from {resume_from.name}")
