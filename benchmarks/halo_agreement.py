@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from wsi_espnet.geometry import Region
 from wsi_espnet.inference import predict
 from wsi_espnet.models import file_sha256, load_original_checkpoint, save_model
 from wsi_espnet.models.config import ModelConfig
@@ -69,16 +70,6 @@ def sync(device: str) -> None:
 
 
 @dataclass(frozen=True)
-class Region:
-    """A rectangle of the target grid, in target pixels."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
 class TiledRun:
     labels: NDArray[np.uint8]
     seconds: float  # reads + model + stitching
@@ -101,8 +92,8 @@ def tiled_labels(
     """Labels of the whole target grid tiled as the pipeline tiles it (one window per model call)."""
     if (region.top, region.left, region.height, region.width) != (0, 0, *choice.target_shape):
         raise ValueError("tiled_labels covers the whole target grid, as the pipeline does")
-    plan = plan_tiles((region.height, region.width), tile_size=tile_size, halo=halo)
-    out = np.zeros((region.height, region.width), dtype=np.uint8)
+    plan = plan_tiles(region.shape, tile_size=tile_size, halo=halo)
+    out = np.zeros(region.shape, dtype=np.uint8)
     model_seconds = 0.0
     window_pixels = 0
     start = time.perf_counter()
@@ -121,7 +112,7 @@ def whole_image_labels(
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8], float]:
     """(image, labels, seconds incl. the read) of whole-image inference on ``region``."""
     start = time.perf_counter()
-    image = read_target_region(reader, choice, region.top, region.left, region.height, region.width)
+    image = read_target_region(reader, choice, region)
     with torch.autocast("cuda", dtype=torch.float16, enabled=device.startswith("cuda")):
         labels = predict(model, image).labels.astype(np.uint8)
     sync(device)
@@ -131,9 +122,8 @@ def whole_image_labels(
 def tissue_on_region(reader: SlideReader, choice: LevelChoice, region: Region) -> NDArray[np.bool_]:
     """The pipeline's tissue mask, nearest-sampled onto the target-grid region."""
     assert reader.mpp is not None
-    tissue = detect_tissue(reader, mpp=reader.mpp)
-    scale = choice.level_mpp * choice.scale / reader.mpp  # level-0 pixels per target pixel
-    return tissue.crop_to(region.top * scale, region.left * scale, region.height, region.width, scale)
+    tissue = detect_tissue(reader, mpp=choice.slide_mpp)
+    return tissue.sample(region, choice.target_to_level0)
 
 
 def agreement(a: NDArray[np.uint8], b: NDArray[np.uint8], mask: NDArray[np.bool_] | None = None) -> float:

@@ -27,7 +27,6 @@ All ratios are between measurements of this run. Slides come from ``$WSI_ESPNET_
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -49,10 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import halo_agreement as ha  # a sibling benchmark: model conversion, tiled inference, agreement
 import make_large_slide
 
+from wsi_espnet.geometry import Region
 from wsi_espnet.inference.predict import preprocess
-from wsi_espnet.models import file_sha256
+from wsi_espnet.models import file_sha256, load_model
 from wsi_espnet.models.config import Preprocessing
-from wsi_espnet.segmentation.segment_slide import SegmentOptions, segment_slide
+from wsi_espnet.models.receptive_field import cached_halo_for
+from wsi_espnet.segment_slide import SegmentOptions, segment_slide
 from wsi_espnet.segmentation.tile_inference import InferenceSettings, cached_model, infer_windows
 from wsi_espnet.slides import choose_level, open_slide, read_target_region
 from wsi_espnet.tiling import Tile, plan_tiles
@@ -94,7 +95,7 @@ def child(mode: str, slide: str, model: str, work: str, device: str, limit: str)
         rss_before = peak_rss_kib()
         start = time.perf_counter()
         outcome = segment_slide(
-            slide, model, SegmentOptions(out_dir=folder, formats=FORMATS, device=device, progress=False),
+            slide, model, SegmentOptions(out_dir=folder, formats=FORMATS, device=device),
             log=lambda message: print(message, file=sys.stderr),
         )  # fmt: skip
         wall = time.perf_counter() - start
@@ -141,12 +142,10 @@ def tissue_tiles(slide: Path, provenance: dict[str, Any]) -> tuple[list[Tile], A
     """The plan's tissue tiles, recomputed as ``segment_slide`` computes them (checked against its count)."""
     reader = open_slide(slide)
     choice = choose_level(reader, provenance["resolution"]["target_mpp"])
-    level0_mpp = choice.level_mpp / reader.level_downsamples[choice.level]
     tiling = provenance["tiling"]
     plan = plan_tiles(choice.target_shape, tile_size=tiling["tile_size"], halo=tiling["halo"])
-    tissue = detect_tissue(reader, mpp=level0_mpp)
-    s = choice.level_mpp * choice.scale / level0_mpp
-    tiles = [t for t in plan if tissue.region_fraction(t.top * s, t.left * s, t.height * s, t.width * s) > 0]
+    tissue = detect_tissue(reader, mpp=choice.slide_mpp)
+    tiles = [t for t in plan if tissue.region_fraction(choice.to_level0(t.region)) > 0]
     if len(tiles) != tiling["tiles_with_tissue"]:
         print(f"# warning: {len(tiles)} tissue tiles recomputed, provenance says {tiling['tiles_with_tissue']}")
     return tiles, reader, choice
@@ -177,10 +176,7 @@ def _model_only(
     timed = groups if limit is None else groups[:limit]
     seconds = user = system = 0.0
     for group in timed:
-        windows = [
-            read_target_region(reader, choice, t.window_top, t.window_left, t.window_height, t.window_width)
-            for t in group
-        ]
+        windows = [read_target_region(reader, choice, t.window) for t in group]
         start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         infer_windows(model, config, windows, settings)
         ha.sync(settings.device)
@@ -243,7 +239,7 @@ def monai_comparison(slide: Path, model_path: Path, settings: InferenceSettings,
     rows.append((f"ours: plan_tiles+infer_windows ({ours.windows} windows)", ours.seconds, ours.labels))
     for mode in ("constant", "gaussian"):
         start = time.perf_counter()
-        pixels = read_target_region(reader, choice, 0, 0, *choice.target_shape)
+        pixels = read_target_region(reader, choice, Region(0, 0, *choice.target_shape))
         inputs = preprocess(pixels, config.preprocessing).to(device)
         logits = sliding_window_inference(inputs, roi, 1, network, overlap=overlap, mode=mode)
         labels = torch.as_tensor(logits).argmax(1)[0].to(torch.uint8).cpu().numpy()
@@ -291,11 +287,7 @@ def monai_comparison(slide: Path, model_path: Path, settings: InferenceSettings,
 def warm_halo_cache(model_path: Path) -> tuple[int, float]:
     """Compute (or find) the default halo the way ``segment_slide`` does, so no timed run pays for it."""
     start = time.perf_counter()
-    module = importlib.import_module("wsi_espnet.segmentation.segment_slide")
-    halo_of = getattr(module, "_halo", None)
-    if halo_of is None:  # the private helper moved; the first timed run will compute it instead
-        return -1, 0.0
-    halo, _ = halo_of(model_path, file_sha256(model_path), SegmentOptions())
+    halo = cached_halo_for(load_model(model_path)[0], file_sha256(model_path))
     return halo, time.perf_counter() - start
 
 

@@ -28,6 +28,7 @@ from wsi_espnet.datasets.annotated_slides import (
     sample_annotated_tiles,
 )
 from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides import SlideError, choose_level, open_slide, read_target_region
 
 IGNORE = 255
@@ -335,7 +336,7 @@ def test_sample_cmu_tiles_at_1_um(cmu_slide: Path, cmu_geojson: Path) -> None:
         for tile, (top, left) in zip(tiles, positions, strict=True):
             assert tile.scale == scale
             assert tile.origin_xy == (left * scale, top * scale)
-            np.testing.assert_array_equal(tile.image, read_target_region(reader, choice, top, left, 128, 128))
+            np.testing.assert_array_equal(tile.image, read_target_region(reader, choice, Region(top, left, 128, 128)))
             expected = rasterize_annotations(
                 annotations, origin_xy=tile.origin_xy, scale=scale, shape=(128, 128), fill=IGNORE
             )
@@ -428,7 +429,9 @@ def test_annotation_outside_the_slide_is_an_error(tmp_path: Path, cmu_slide: Pat
 def test_slide_without_mpp_needs_mpp(tmp_path: Path, shared_data: Path) -> None:
     slide = shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"  # no MPP; levels at 1x and ~2x
     geojson = write_features(tmp_path / "a.geojson", [polygon_feature([rectangle(2000, 1000, 2300, 1300)], "tumour")])
-    with pytest.raises(SlideError, match=r"no micrometres-per-pixel .* --mpp"):
+    with pytest.raises(
+        SlideError, match=r"no micrometres-per-pixel .* Pass the scan resolution explicitly with mpp, e\.g\. mpp=0\.25"
+    ):
         sample_annotated_tiles(slide, geojson, CMU_CLASSES, target_mpp=1.0, tile_size=64, ignore_index=IGNORE)
     tiles = sample_annotated_tiles(
         slide, geojson, CMU_CLASSES, target_mpp=1.0, tile_size=64, ignore_index=IGNORE, mpp=0.5

@@ -12,7 +12,7 @@ from skimage.draw import disk, polygon
 
 from wsi_espnet.errors import InputError
 from wsi_espnet.outputs.geojson import write_geojson
-from wsi_espnet.outputs.label_classes import LabelClass
+from wsi_espnet.segmentation.label_values import LabelClass
 
 CLASSES = [
     LabelClass(0, "no tissue", (0, 0, 0)),

@@ -14,9 +14,9 @@ import zarr
 from skimage.draw import disk, polygon
 
 from wsi_espnet.errors import InputError
-from wsi_espnet.outputs.label_classes import LabelClass
 from wsi_espnet.outputs.ome_tiff import write_ome_tiff
 from wsi_espnet.outputs.pyramid import build_label_pyramid
+from wsi_espnet.segmentation.label_values import LabelClass
 
 MPP = 0.2527
 CLASSES = [

@@ -11,9 +11,9 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
 from wsi_espnet.errors import InputError
-from wsi_espnet.outputs.label_classes import LabelClass
 from wsi_espnet.outputs.ome_zarr import write_ngff_label_metadata
 from wsi_espnet.outputs.pyramid import build_label_pyramid
+from wsi_espnet.segmentation.label_values import LabelClass
 
 CLASSES = [
     LabelClass(0, "no tissue", (0, 0, 0)),

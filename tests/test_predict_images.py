@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from wsi_espnet.cli import main
-from wsi_espnet.datasets.samples import resize_image
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference import predict
+from wsi_espnet.inference.predict import resize_image
 from wsi_espnet.inference.predict_images import predict_image_files
 from wsi_espnet.models import create_model, load_original_checkpoint
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -18,11 +19,12 @@ from conftest import white_slide
 from distributed import LocalCluster
 
 from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
 from wsi_espnet.inference import predict
 from wsi_espnet.models import load_model
-from wsi_espnet.segmentation import SegmentOptions, segment_slide
+from wsi_espnet.segment_slide import SegmentOptions, segment_slide
 from wsi_espnet.segmentation.label_store import LabelStore
-from wsi_espnet.segmentation.tile_inference import window_key
+from wsi_espnet.segmentation.planning import window_key
 from wsi_espnet.slides import choose_level, open_slide, read_target_region
 from wsi_espnet.tiling import plan_tiles
 from wsi_espnet.tissue_detection import detect_tissue
@@ -40,7 +42,7 @@ def _labels(result) -> np.ndarray:
 @pytest.mark.slow
 def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp_path):
     # Default settings at the slide's own 0.499 um/px: 2x2 tiles of 1536 px with the automatic halo.
-    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5, progress=False))
+    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5))
     stitched = _labels(result)
     assert result.provenance["tiling"]["tiles_with_tissue"] == 4
     tiling = result.provenance["tiling"]
@@ -49,10 +51,10 @@ def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp
 
     reader = open_slide(cmu)
     choice = choose_level(reader, 0.5)
-    whole = read_target_region(reader, choice, 0, 0, *choice.target_shape)
+    whole = read_target_region(reader, choice, Region(0, 0, *choice.target_shape))
     model, _ = load_model(espnet_checkpoint)
     reference = predict(model, whole).labels + np.uint8(1)
-    tissue = detect_tissue(reader, mpp=choice.level_mpp).crop_to(0, 0, *choice.target_shape, 1.0)
+    tissue = detect_tissue(reader, mpp=choice.level_mpp).sample(Region(0, 0, *choice.target_shape), 1.0)
     reference[~tissue] = 0
 
     agreement = float(np.mean(stitched == reference))
@@ -67,7 +69,7 @@ def full_run(cmu, espnet_checkpoint, tmp_path_factory):
     """CMU at 1 um/px (resampled from level 0), small tiles, every output format."""
     options = SegmentOptions(
         out_dir=tmp_path_factory.mktemp("full"), target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}), progress=False,
+            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
     )  # fmt: skip
     return segment_slide(cmu, espnet_checkpoint, options)
 
@@ -146,39 +148,37 @@ def test_a_complete_output_is_kept_and_other_settings_are_refused(full_run, cmu,
     out_dir = full_run.outputs["ome-zarr"].parent
     options = SegmentOptions(
         out_dir=out_dir, target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}), progress=False,
+            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
     )  # fmt: skip
     again = segment_slide(cmu, espnet_checkpoint, options)
     assert again.skipped
-    with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass --overwrite"):
-        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024,
-                                                             progress=False))  # fmt: skip
+    with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass overwrite=True"):
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024))
 
 
 def test_tiles_sharing_a_window_run_it_once(cmu, espnet_checkpoint, tmp_path):
     # 1 um/px: a 1481 x 1108 grid; 768-px tiles with a 176-px halo need 1120-px windows, wider than the
     # (8-padded) 1112-px grid, so the two tiles of each row share one window.
-    options = SegmentOptions(out_dir=tmp_path, target_mpp=1.0, tile_size=768, chunk=256, halo=176, progress=False)
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=1.0, tile_size=768, chunk=256, halo=176)
     tiling = segment_slide(cmu, espnet_checkpoint, options).provenance["tiling"]
     assert tiling["tiles_with_tissue"] == 4
     assert tiling["windows_run"] == 2
 
 
-def test_a_slide_without_tissue_gives_an_empty_mask(espnet_checkpoint, tmp_path):
-    messages: list[str] = []
+def test_a_slide_without_tissue_gives_an_empty_mask(espnet_checkpoint, tmp_path, caplog):
     slide = white_slide(tmp_path / "glass.tif")
-    result = segment_slide(
-        slide, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "out", target_mpp=1.0, halo=64, progress=False),
-        log=messages.append,
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="wsi_espnet"):
+        result = segment_slide(
+            slide, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "out", target_mpp=1.0, halo=64)
+        )
     assert not _labels(result).any()
-    assert any("no tissue found" in m for m in messages)
+    assert any("no tissue found" in m for m in caplog.messages)
     assert result.provenance["tissue"]["segmented_area_mm2"] == 0
     assert result.outputs["ome-tiff"].is_file()
 
 
 def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_checkpoint, tmp_path, monkeypatch):
-    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=128, halo=64, progress=False)
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=128, halo=64)
     write_tile = LabelStore.write_tile
     calls = []
 
@@ -202,13 +202,13 @@ def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_chec
     resumed = segment_slide(cmu, espnet_checkpoint, options)
     assert resumed.provenance["tiling"]["tiles_resumed"] == done_before
     fresh = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "fresh", target_mpp=2.0,
-                                                                 tile_size=128, halo=64, progress=False))  # fmt: skip
+                                                                 tile_size=128, halo=64))  # fmt: skip
     np.testing.assert_array_equal(_labels(resumed), _labels(fresh))
 
 
 @pytest.mark.slow
 def test_a_dask_cluster_with_worker_processes_gives_the_same_labels(cmu, espnet_checkpoint, tmp_path):
-    options = {"target_mpp": 2.0, "tile_size": 256, "halo": 64, "progress": False}
+    options = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
     local = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "local", **options))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         remote = segment_slide(
@@ -223,15 +223,15 @@ def test_a_foreign_folder_in_the_way_is_never_deleted(cmu, espnet_checkpoint, tm
     foreign = tmp_path / "CMU-1-Small-Region.mask.zarr"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("someone else's data")
-    with pytest.raises(InputError, match=r"already exist.*pass --overwrite"):
-        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=2.0, progress=False))
+    with pytest.raises(InputError, match=r"already exist.*pass overwrite=True"):
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=2.0))
     assert (foreign / "notes.txt").read_text() == "someone else's data"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("device", "gpu", "device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
     ("workers", 0, "workers 0 must be >= 1"),
-    ("target_mpp", 0.0, "target-mpp 0.0 must be a positive number"),
+    ("target_mpp", 0.0, "target_mpp 0.0 must be a positive number"),
     ("mpp", float("nan"), "mpp nan must be a positive number"),
     ("tile_size", 100, "tile size 100 must be a positive multiple of 8"),
 ])  # fmt: skip
@@ -243,7 +243,7 @@ def test_invalid_options_are_explained(field, value, message):
 def test_a_second_run_on_the_same_store_waits_its_turn(cmu, espnet_checkpoint, tmp_path):
     lock = tmp_path / "CMU-1-Small-Region.mask.zarr.lock"
     lock.write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live holder: this test process
-    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=256, halo=64, progress=False)
+    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=256, halo=64)
     with pytest.raises(InputError, match=r"another wsi-espnet run .* is writing CMU-1-Small-Region\.mask\.zarr"):
         segment_slide(cmu, espnet_checkpoint, options)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -253,7 +253,7 @@ def test_a_second_run_on_the_same_store_waits_its_turn(cmu, espnet_checkpoint, t
 
 
 def test_adding_a_format_to_a_complete_run_keeps_its_record(cmu, espnet_checkpoint, tmp_path):
-    options = {"out_dir": tmp_path, "target_mpp": 2.0, "tile_size": 256, "halo": 64, "progress": False}
+    options = {"out_dir": tmp_path, "target_mpp": 2.0, "tile_size": 256, "halo": 64}
     first = segment_slide(cmu, espnet_checkpoint, SegmentOptions(**options))
     tiff_written = first.outputs["ome-tiff"].stat().st_mtime_ns
     formats = frozenset({"ome-zarr", "ome-tiff", "geojson", "provenance"})

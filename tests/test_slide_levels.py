@@ -90,8 +90,9 @@ def test_choose_level_without_mpp_asks_for_mpp(shared_data: Path) -> None:
     with open_slide(path) as reader, pytest.raises(SlideError) as raised:
         choose_level(reader, 0.5)
     message = str(raised.value)
-    for expected in (path.name, "no micrometres-per-pixel", "--mpp", "0.25", "40x", "0.5", "20x"):
+    for expected in (path.name, "no micrometres-per-pixel", "mpp=0.25", "40x", "mpp=0.5", "20x"):
         assert expected in message
+    assert "--mpp 0.25 for a 40x scan" in raised.value.cli_message()
     with open_slide(path, mpp=0.5) as reader:  # levels at 0.5 and 1.0003 um/px
         choice = choose_level(reader, 1.0)
         assert (choice.level, choice.resample, choice.target_shape) == (1, False, (1783, 2221))

@@ -14,6 +14,7 @@ from PIL import Image
 from skimage import color
 
 from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides import SlideReader, open_slide
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions, detect_tissue
 
@@ -123,7 +124,7 @@ def test_mask_covers_the_stained_pixels(detected: Detected) -> None:
     hsv = color.rgb2hsv(thumbnail)
     feature = hsv[..., 2] if detected.slide.method == "brightness" else hsv[..., 1]
     scale = reader.level_downsamples[level] * step
-    on_thumbnail = mask.crop_to(0, 0, thumbnail.shape[0], thumbnail.shape[1], scale)
+    on_thumbnail = mask.sample(Region(0, 0, thumbnail.shape[0], thumbnail.shape[1]), scale)
     assert on_thumbnail.mean() == pytest.approx(mask.fraction, abs=0.03)
     assert feature[on_thumbnail].mean() > feature[~on_thumbnail].mean() + 0.1
 
@@ -164,7 +165,7 @@ def test_disabled_detection_is_all_tissue(detected: Detected) -> None:
     assert disabled.fraction == 1.0
     assert (disabled.downsample, disabled.mpp) == (detected.mask.downsample, detected.mask.mpp)
     height, width = reader.level_shapes[0]
-    assert disabled.region_fraction(0, 0, height, width) == 1.0
+    assert disabled.region_fraction(Region(0, 0, height, width)) == 1.0
 
 
 # --- generated slides ----------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_white_slide_has_no_tissue(white_slide: SlideReader) -> None:
     assert (mask.fraction, mask.area_mm2()) == (0.0, 0.0)
     assert mask.mpp == pytest.approx(8.0)
     height, width = white_slide.level_shapes[0]
-    assert mask.region_fraction(0, 0, height, width) == 0.0
+    assert mask.region_fraction(Region(0, 0, height, width)) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -235,34 +236,35 @@ def test_window_then_crop_equals_crop(
 ) -> None:
     mask: TissueMask = request.getfixturevalue(slide).mask
     top, left, height, width, scale = region
-    expected = mask.crop_to(top, left, height, width, scale)
-    window = mask.window(top, left, height * scale, width * scale)
+    target = Region(top / scale, left / scale, height, width)
+    expected = mask.sample(target, scale)
+    window = mask.window(target.scaled(scale))
     assert window.mask.size <= mask.mask.size
     assert (window.downsample, window.mpp, window.method) == (mask.downsample, mask.mpp, mask.method)
-    cropped = window.crop_to(top, left, height, width, scale)
+    cropped = window.sample(target, scale)
     assert cropped.shape == (height, width)
     assert cropped.dtype == np.bool_
     np.testing.assert_array_equal(cropped, expected)
     # A window of a window is still the same mask.
-    np.testing.assert_array_equal(window.window(top, left, height * scale, width * scale).crop_to(*region), expected)
+    np.testing.assert_array_equal(window.window(target.scaled(scale)).sample(target, scale), expected)
 
 
-def test_crop_to_reads_mask_pixels_by_their_centre(cmu: Detected) -> None:
+def test_sample_reads_mask_pixels_by_their_centre(cmu: Detected) -> None:
     mask = cmu.mask
     downsample = int(mask.downsample)
     assert downsample == 16
-    np.testing.assert_array_equal(mask.crop_to(0, 0, *mask.mask.shape, downsample), mask.mask)
-    np.testing.assert_array_equal(mask.crop_to(32, 48, 20, 30, downsample), mask.mask[2:22, 3:33])
+    np.testing.assert_array_equal(mask.sample(Region(0, 0, *mask.mask.shape), downsample), mask.mask)
+    np.testing.assert_array_equal(mask.sample(Region(2, 3, 20, 30), downsample), mask.mask[2:22, 3:33])
     # Half a mask pixel off the grid, output pixel centres fall on the next mask pixel's first row and column
     # (a block across the tissue's left edge, so a shift by one mask pixel shows).
-    np.testing.assert_array_equal(mask.crop_to(90 * 16 + 8, 40 * 16 + 8, 20, 30, downsample), mask.mask[91:111, 41:71])
+    np.testing.assert_array_equal(mask.sample(Region(90.5, 40.5, 20, 30), downsample), mask.mask[91:111, 41:71])
     np.testing.assert_array_equal(
-        mask.crop_to(90 * 16 + 7.9, 40 * 16 + 7.9, 20, 30, downsample), mask.mask[90:110, 40:70]
+        mask.sample(Region((90 * 16 + 7.9) / 16, (40 * 16 + 7.9) / 16, 20, 30), downsample), mask.mask[90:110, 40:70]
     )
     assert (mask.mask[91:111, 41:71] != mask.mask[90:110, 40:70]).any()
-    upsampled = mask.crop_to(0, 0, 2 * mask.mask.shape[0], 2 * mask.mask.shape[1], downsample / 2)
+    upsampled = mask.sample(Region(0, 0, 2 * mask.mask.shape[0], 2 * mask.mask.shape[1]), downsample / 2)
     np.testing.assert_array_equal(upsampled, np.repeat(np.repeat(mask.mask, 2, axis=0), 2, axis=1))
-    window = mask.window(800, 480, 160, 320)
+    window = mask.window(Region(800, 480, 160, 320))
     assert window.origin == (800 - 16.0, 480 - 16.0)
     np.testing.assert_array_equal(window.mask, mask.mask[49:61, 29:51])
 
@@ -296,8 +298,8 @@ def test_region_fraction_is_positive_exactly_where_crop_has_tissue(
     assert mask.mask[100, FIRST_TISSUE_COLUMN // 16]
     assert not mask.mask[: FIRST_TISSUE_ROW // 16, 80].any()
     assert mask.mask[FIRST_TISSUE_ROW // 16, 80]
-    fraction = mask.region_fraction(*region)
-    crop = mask.crop_to(*region, scale=1.0)
+    fraction = mask.region_fraction(Region(*region))
+    crop = mask.sample(Region(*region), scale=1.0)
     assert 0.0 <= fraction <= 1.0
     assert (fraction > 0) == has_tissue
     assert bool(crop.any()) == has_tissue
@@ -308,10 +310,10 @@ def test_region_fraction_on_mask_pixel_boundaries(cmu: Detected, region: tuple[i
     """A region made of whole mask pixels has exactly the tissue share of those pixels."""
     mask = cmu.mask
     top, left, height, width = region
-    crop = mask.crop_to(top, left, -(-height // 16), -(-width // 16), 16.0)
+    crop = mask.sample(Region(top / 16, left / 16, -(-height // 16), -(-width // 16)), 16.0)
     inside = crop[: mask.mask.shape[0] - top // 16, : mask.mask.shape[1] - left // 16]
-    assert mask.region_fraction(*region) == pytest.approx(float(inside.mean()))
-    assert mask.region_fraction(0, 0, 2967, 2220) == pytest.approx(mask.fraction)
+    assert mask.region_fraction(Region(*region)) == pytest.approx(float(inside.mean()))
+    assert mask.region_fraction(Region(0, 0, 2967, 2220)) == pytest.approx(mask.fraction)
 
 
 # --- invalid input ----------------------------------------------------------------------------------------

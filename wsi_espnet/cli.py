@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsi_espnet import __version__
-from wsi_espnet.errors import InputError, WsiEspnetError
+from wsi_espnet.errors import InputError, WsiEspnetError, render_options
 
 if TYPE_CHECKING:
-    from wsi_espnet.segmentation.segment_slide import SegmentationResult, SegmentOptions
+    from tqdm import tqdm
+
+    from wsi_espnet.segment_slide import SegmentationResult, SegmentOptions
+    from wsi_espnet.segmentation import ProgressEvent
 
 __all__ = ["main"]
 
@@ -96,7 +99,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _segment_options(args: argparse.Namespace) -> SegmentOptions:
-    from wsi_espnet.segmentation.segment_slide import FORMATS, SegmentOptions
+    from wsi_espnet.segment_slide import FORMATS, SegmentOptions
     from wsi_espnet.tissue_detection import TissueOptions
 
     formats = set(FORMATS) if args.format == "all" else {f.strip() for f in args.format.split(",") if f.strip()}
@@ -114,7 +117,6 @@ def _segment_options(args: argparse.Namespace) -> SegmentOptions:
         overwrite=args.overwrite,
         scheduler=args.scheduler,
         workers=args.workers,
-        progress=not args.quiet,
     )
 
 
@@ -183,12 +185,43 @@ def _failure_log(slide: Path, out_dir: Path | None) -> Iterator[None]:
             logger.removeHandler(handler)
 
 
+class _TileProgressBar:
+    """Draws the engine's ``"tiles"`` events as a tqdm bar on stderr, as ``segment`` always has."""
+
+    def __init__(self, *, show: bool) -> None:
+        self.show = show
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage != "tiles" or not self.show:
+            self.close()
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=event.total, initial=event.done, unit="tile", file=sys.stderr, dynamic_ncols=True,
+                desc=f"segmenting ({event.detail})",
+            )  # fmt: skip
+        else:
+            self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _run_segment(slide: Path, model: Path, args: argparse.Namespace) -> int:
-    from wsi_espnet.segmentation.segment_slide import segment_slide
+    from wsi_espnet.segment_slide import segment_slide
 
     options = _segment_options(args)
-    with _failure_log(slide, options.out_dir):
-        result = segment_slide(slide, model, options, log=_log)
+    bar = _TileProgressBar(show=not args.quiet)
+    try:
+        with _failure_log(slide, options.out_dir):
+            result = segment_slide(slide, model, options, on_progress=bar)
+    finally:
+        bar.close()
     _print_summary(result, quiet=args.quiet)
     return 0
 
@@ -437,15 +470,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrFormatter(logging.Formatter):
+    """``wsi-espnet: message`` (``wsi-espnet: warning: ...`` for warnings), options spelled as flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"wsi-espnet: {level}{render_options(record.getMessage(), cli=True)}"
+
+
+@contextlib.contextmanager
+def _library_logging() -> Iterator[None]:
+    """The library's log records (``wsi_espnet.*``) on stderr while a command runs."""
+    logger = logging.getLogger("wsi_espnet")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
+    with _library_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # so a closed pipe is reported here, not at interpreter exit
         return code
     except WsiEspnetError as exc:
-        print(f"wsi-espnet: error: {exc}", file=sys.stderr)
+        print(f"wsi-espnet: error: {exc.cli_message()}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(f"wsi-espnet: {note}", file=sys.stderr)
         return exc.exit_code

@@ -9,15 +9,52 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-__all__ = ["CheckpointError", "ConfigError", "InputError", "WsiEspnetError", "check_output_folder"]
+__all__ = [
+    "Cancelled",
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "WsiEspnetError",
+    "check_output_folder",
+    "render_options",
+]
+
+# Library messages name an option by its Python parameter, as [[name]] or [[name=value]]; each front end
+# spells it its own way (see render_options).
+_OPTION = re.compile(r"\[\[([a-z][a-z0-9_]*)(?:=([^\]]+))?\]\]")
+
+
+def _spell(match: re.Match[str], *, cli: bool) -> str:
+    name, value = match[1], match[2]
+    if not cli:
+        return name if value is None else f"{name}={value}"
+    flag = "--" + name.replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
+
+
+def render_options(text: str, *, cli: bool) -> str:
+    """Spell ``text``'s options: ``[[mpp=0.25]]`` as ``--mpp 0.25`` (``cli``) or ``mpp=0.25``; ``[[overwrite=True]]``
+    as ``--overwrite`` or ``overwrite=True``; ``[[out]]`` as ``--out`` or ``out``."""
+    return _OPTION.sub(lambda match: _spell(match, cli=cli), text)
 
 
 class WsiEspnetError(Exception):
-    """Base class of errors caused by the user's input, not by a bug."""
+    """Base class of errors caused by the user's input, not by a bug.
+
+    Messages name options as ``[[name]]`` or ``[[name=value]]``: ``str(error)`` spells them as Python
+    parameters, :meth:`cli_message` as the command line's flags (see :func:`render_options`).
+    """
 
     exit_code: int = 2
+
+    def __str__(self) -> str:
+        return render_options(super().__str__(), cli=False)
+
+    def cli_message(self) -> str:
+        return render_options(super().__str__(), cli=True)
 
 
 class InputError(WsiEspnetError, ValueError):
@@ -32,6 +69,12 @@ class CheckpointError(WsiEspnetError):
     """A weights file is missing, corrupted or does not fit the model it is loaded into."""
 
     exit_code = 3
+
+
+class Cancelled(WsiEspnetError):  # noqa: N818 -- not "CancelledError": asyncio and distributed have their own
+    """The caller asked a run to stop; what it finished is kept, marked incomplete, and resumes on a rerun."""
+
+    exit_code = 130
 
 
 def check_output_folder(path: str | os.PathLike[str]) -> None:

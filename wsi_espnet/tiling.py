@@ -17,9 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wsi_espnet.errors import InputError
-from wsi_espnet.models.espnet import TOTAL_STRIDE
+from wsi_espnet.geometry import Region
 
-__all__ = ["Tile", "TilePlan", "plan_tiles"]
+__all__ = ["DEFAULT_STRIDE", "Tile", "TilePlan", "plan_tiles"]
+
+#: ESPNet's total stride (input pixels per pixel of its coarsest feature map); models pass their own.
+DEFAULT_STRIDE = 8
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,16 @@ class Tile:
     window_left: int
     window_height: int
     window_width: int
+
+    @property
+    def region(self) -> Region:
+        """The output region, in target-grid pixels."""
+        return Region(self.top, self.left, self.height, self.width)
+
+    @property
+    def window(self) -> Region:
+        """The input window (output region + halo), in target-grid pixels."""
+        return Region(self.window_top, self.window_left, self.window_height, self.window_width)
 
     @property
     def crop(self) -> tuple[slice, slice]:
@@ -70,36 +83,36 @@ class TilePlan:
         return len(self.tiles)
 
 
-def _window(start: int, size: int, extent: int, tile_size: int, halo: int) -> tuple[int, int]:
-    """Window start and length along one axis for the tile ``[start, start + size)``."""
-    padded_extent = -(-extent // TOTAL_STRIDE) * TOTAL_STRIDE
-    length = min(-(-(tile_size + 2 * halo) // TOTAL_STRIDE) * TOTAL_STRIDE, padded_extent)
+def _window(start: int, extent: int, tile_size: int, halo: int, stride: int) -> tuple[int, int]:
+    """Window start and length along one axis for the tile starting at ``start``."""
+    padded_extent = -(-extent // stride) * stride
+    length = min(-(-(tile_size + 2 * halo) // stride) * stride, padded_extent)
     first = min(max(start - halo, 0), padded_extent - length)
     return first, length
 
 
-def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int) -> TilePlan:
+def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int, stride: int = DEFAULT_STRIDE) -> TilePlan:
     """Plan the tiles of a ``shape = (height, width)`` target grid.
 
-    ``tile_size`` must be a positive multiple of 8 and ``halo`` non-negative; the halo is rounded up
-    to a multiple of 8 (the plan's ``halo`` is the rounded value). Window sides are
-    ``tile_size + 2 * halo``, or the whole (8-padded) grid if that is smaller.
+    ``tile_size`` must be a positive multiple of the network's ``stride`` and ``halo`` non-negative;
+    the halo is rounded up to a multiple of the stride (the plan's ``halo`` is the rounded value).
+    Window sides are ``tile_size + 2 * halo``, or the whole (stride-padded) grid if that is smaller.
     """
     height, width = shape
     if height <= 0 or width <= 0:
         raise InputError(f"cannot tile an empty {height}x{width} image.")
-    if tile_size <= 0 or tile_size % TOTAL_STRIDE:
-        raise InputError(f"tile size {tile_size} must be a positive multiple of {TOTAL_STRIDE}.")
+    if tile_size <= 0 or tile_size % stride:
+        raise InputError(f"tile size {tile_size} must be a positive multiple of {stride}.")
     if halo < 0:
         raise InputError(f"halo {halo} must be >= 0 pixels.")
     # A stride-multiple halo keeps window starts on the stride grid with the full halo on both sides.
-    halo = -(-halo // TOTAL_STRIDE) * TOTAL_STRIDE
+    halo = -(-halo // stride) * stride
     tiles = []
     for row, top in enumerate(range(0, height, tile_size)):
         tile_h = min(tile_size, height - top)
-        window_top, window_h = _window(top, tile_h, height, tile_size, halo)
+        window_top, window_h = _window(top, height, tile_size, halo, stride)
         for col, left in enumerate(range(0, width, tile_size)):
             tile_w = min(tile_size, width - left)
-            window_left, window_w = _window(left, tile_w, width, tile_size, halo)
+            window_left, window_w = _window(left, width, tile_size, halo, stride)
             tiles.append(Tile(row, col, top, left, tile_h, tile_w, window_top, window_left, window_h, window_w))
     return TilePlan((height, width), tile_size, halo, tuple(tiles))

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from skimage import color, filters, morphology
 
 from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides import SlideReader, slide_level_dask
 
 __all__ = ["TissueMask", "TissueOptions", "detect_tissue"]
@@ -85,36 +86,38 @@ class TissueMask:
         """Tissue area in square millimetres."""
         return float(self.mask.sum()) * (self.mpp / 1000.0) ** 2
 
-    def region_fraction(self, top: float, left: float, height: float, width: float) -> float:
-        """Tissue share of a level-0 pixel region ``[top, top + height) x [left, left + width)``.
+    def region_fraction(self, region: Region) -> float:
+        """Tissue share of a level-0 pixel ``region``.
 
         Every mask pixel the region touches counts, so a region with any tissue near it is never 0.
         """
-        r0, c0, r1, c1 = self._bounds(top, left, height, width)
+        r0, c0, r1, c1 = self._bounds(region)
         window = self.mask[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)]
         return float(window.mean()) if window.size else 0.0
 
-    def _bounds(self, top: float, left: float, height: float, width: float) -> tuple[int, int, int, int]:
+    def _bounds(self, region: Region) -> tuple[int, int, int, int]:
         """Mask pixel rows/cols ``[r0, r1) x [c0, c1)`` touched by a level-0 region (unclipped)."""
-        top, left = top - self.origin[0], left - self.origin[1]
+        top, left = region.top - self.origin[0], region.left - self.origin[1]
         r0, c0 = math.floor(top / self.downsample), math.floor(left / self.downsample)
-        r1 = max(r0 + 1, math.ceil((top + height) / self.downsample))
-        c1 = max(c0 + 1, math.ceil((left + width) / self.downsample))
+        r1 = max(r0 + 1, math.ceil((top + region.height) / self.downsample))
+        c1 = max(c0 + 1, math.ceil((left + region.width) / self.downsample))
         return r0, c0, r1, c1
 
-    def window(self, top: float, left: float, height: float, width: float) -> TissueMask:
-        """The part of the mask under a level-0 region (plus one pixel), small enough to ship to a worker."""
-        r0, c0, r1, c1 = self._bounds(top, left, height, width)
+    def window(self, region: Region) -> TissueMask:
+        """The part of the mask under a level-0 ``region`` (plus one pixel), small enough to ship to a worker."""
+        r0, c0, r1, c1 = self._bounds(region)
         r0, c0 = max(r0 - 1, 0), max(c0 - 1, 0)
         origin = (self.origin[0] + r0 * self.downsample, self.origin[1] + c0 * self.downsample)
         return replace(self, mask=self.mask[r0 : max(r1 + 1, r0), c0 : max(c1 + 1, c0)].copy(), origin=origin)
 
-    def crop_to(self, top: float, left: float, height: int, width: int, scale: float) -> NDArray[np.bool_]:
-        """The mask over a region of ``height x width`` pixels of ``scale`` level-0 pixels each, from (top, left).
+    def sample(self, region: Region, scale: float) -> NDArray[np.bool_]:
+        """The mask on a grid whose pixels are ``scale`` level-0 pixels, over that grid's ``region``.
 
-        Nearest-neighbour: pixel (r, c) takes the mask pixel holding its centre.
+        Returns ``region.shape`` bool; nearest-neighbour: pixel (r, c) takes the mask pixel holding its centre.
+        For a tile of a model's target grid, ``scale`` is :attr:`LevelChoice.target_to_level0`.
         """
-        top, left = top - self.origin[0], left - self.origin[1]
+        height, width = region.shape
+        top, left = region.top * scale - self.origin[0], region.left * scale - self.origin[1]
         rows = ((top + (np.arange(height) + 0.5) * scale) // self.downsample).astype(np.int64)
         cols = ((left + (np.arange(width) + 0.5) * scale) // self.downsample).astype(np.int64)
         inside_r = (rows >= 0) & (rows < self.mask.shape[0])

@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from skimage import draw
 
 from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides import choose_level, open_slide, read_target_region
 
 __all__ = [
@@ -496,7 +497,7 @@ def sample_annotated_tiles(
         )
     with open_slide(slide_path, mpp=mpp) as reader:
         choice = choose_level(reader, target_mpp)
-        scale = choice.scale * reader.level_downsamples[choice.level]
+        scale = choice.target_to_level0
         boxes = _target_boxes(annotations, scale, reader.level_shapes[0], choice.target_shape, geojson_path)
         target_height, target_width = choice.target_shape
         tiles: list[AnnotatedTile] = []
@@ -515,7 +516,7 @@ def sample_annotated_tiles(
                 continue
             if unannotated is not None:
                 labels[in_slide & ~annotated] = unannotated
-            image = read_target_region(reader, choice, top, left, tile_size, tile_size)
+            image = read_target_region(reader, choice, Region(top, left, tile_size, tile_size))
             tiles.append(AnnotatedTile(image=image, labels=labels, origin_xy=origin_xy, scale=scale, slide=slide_path))
     logger.info(
         "%s: %d of %d tiles of %d px at %g um/px have at least %g of their pixels annotated.",

@@ -23,8 +23,9 @@ from wsi_espnet.datasets.manifest import (
     SourceSpec,
 )
 from wsi_espnet.errors import InputError
+from wsi_espnet.inference.predict import resize_image
 
-__all__ = ["Sample", "decode_mask", "list_samples", "load_sample", "read_rgb", "resize_image"]
+__all__ = ["Sample", "decode_mask", "list_samples", "load_sample", "read_rgb"]
 
 Image.MAX_IMAGE_PIXELS = None  # dataset regions of interest may be large; they are the user's own files
 
@@ -245,15 +246,6 @@ def decode_mask(
             "(with an ignore_index)."
         )
     return labels.astype(np.uint8)
-
-
-def resize_image(image: Image.Image, scale: float) -> Image.Image:
-    """``image`` scaled by ``scale`` as training data is: box-filtered down, bilinear up."""
-    width, height = image.size
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if scale < 1:
-        return image.resize(size, Image.Resampling.BOX, reducing_gap=2.0)
-    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 def _resample(

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from PIL import Image
 from torch import Tensor, nn
 
 from wsi_espnet.errors import InputError
 from wsi_espnet.models.config import ModelConfig, Preprocessing
 from wsi_espnet.models.espnet import TOTAL_STRIDE
 
-__all__ = ["Prediction", "normalise", "padded_forward", "predict", "predict_logits", "preprocess"]
+__all__ = ["Prediction", "normalise", "padded_forward", "predict", "predict_logits", "preprocess", "resize_image"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,12 @@ def predict(
     labels: NDArray[np.integer] = logits.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)
     probabilities = logits.softmax(0).float().cpu().numpy() if return_probabilities else None
     return Prediction(labels=labels, probabilities=probabilities)
+
+
+def resize_image(image: Image.Image, scale: float) -> Image.Image:
+    """``image`` scaled by ``scale`` as training data is: box-filtered down, bilinear up."""
+    width, height = image.size
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if scale < 1:
+        return image.resize(size, Image.Resampling.BOX, reducing_gap=2.0)
+    return image.resize(size, Image.Resampling.BILINEAR)

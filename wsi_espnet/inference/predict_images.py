@@ -20,9 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from wsi_espnet.atomic_files import write_atomically
-from wsi_espnet.datasets.samples import resize_image
 from wsi_espnet.errors import InputError
-from wsi_espnet.inference.predict import predict
+from wsi_espnet.inference.predict import predict, resize_image
 from wsi_espnet.models.config import ModelConfig
 
 __all__ = ["PredictedImage", "predict_image_files"]

@@ -8,9 +8,11 @@ travels inside the same file as the weights. :func:`load_model` also accepts the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -22,7 +24,16 @@ from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import EspNet, EspNetEncoder, build_espnet
 from wsi_espnet.models.original_checkpoints import load_original_checkpoint
 
-__all__ = ["CONFIG_METADATA_KEY", "file_sha256", "load_model", "read_model_config", "save_model"]
+__all__ = [
+    "CONFIG_METADATA_KEY",
+    "file_sha256",
+    "load_model",
+    "load_model_bytes",
+    "model_bytes",
+    "model_sha256",
+    "read_model_config",
+    "save_model",
+]
 
 CONFIG_METADATA_KEY = "wsi_espnet_config"
 
@@ -133,18 +144,48 @@ def load_model(
             f"cannot read {str(path)!r} as a .safetensors checkpoint ({exc}); the file is truncated, "
             "corrupted or of another kind. Original ESPNet .pth files are accepted too."
         ) from exc
+    model, config = _model_from(state, metadata, repr(str(path)), num_classes=num_classes)
+    return model.to(device).eval(), config
+
+
+def model_bytes(model: nn.Module, config: ModelConfig) -> bytes:
+    """``model`` and ``config`` as the bytes of our ``.safetensors`` format (for shipping to workers)."""
+    tensors = {_unwrapped(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(tensors, metadata={CONFIG_METADATA_KEY: config.to_json(), "format": "wsi-espnet"})
+
+
+def model_sha256(model: nn.Module, config: ModelConfig) -> str:
+    """Hex SHA-256 of :func:`model_bytes`: the weights hash of a model held in memory."""
+    return hashlib.sha256(model_bytes(model, config)).hexdigest()
+
+
+def load_model_bytes(data: bytes, *, device: torch.device | str = "cpu") -> tuple[EspNet | EspNetEncoder, ModelConfig]:
+    """The model in ``data`` (from :func:`model_bytes`), in eval mode on ``device``, and its config."""
+    try:
+        header_length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+        state = safetensors.torch.load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"the model bytes are not a .safetensors checkpoint ({exc}).") from exc
+    model, config = _model_from(state, metadata, "the model bytes")
+    return model.to(device).eval(), config
+
+
+def _model_from(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], source: str, *, num_classes: int | None = None
+) -> tuple[EspNet | EspNetEncoder, ModelConfig]:
     if CONFIG_METADATA_KEY not in metadata:
         raise CheckpointError(
-            f"{str(path)!r} is a safetensors file without a wsi-espnet model config; it was not written by "
+            f"{source} is a safetensors file without a wsi-espnet model config; it was not written by "
             "wsi-espnet. Convert original ESPNet weights with 'wsi-espnet convert-weights'."
         )
     try:
         config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
     except ConfigError as exc:
-        raise CheckpointError(f"{str(path)!r} carries an invalid model config: {exc}") from exc
+        raise CheckpointError(f"{source} carries an invalid model config: {exc}") from exc
     if num_classes is not None and num_classes != config.num_classes:
         raise CheckpointError(
-            f"{str(path)!r} predicts {config.num_classes} classes ({', '.join(config.class_names)}) but "
+            f"{source} predicts {config.num_classes} classes ({', '.join(config.class_names)}) but "
             f"num_classes={num_classes} was asked for; fine-tune the model to the new class set instead."
         )
     model = build_espnet(config)
@@ -152,7 +193,7 @@ def load_model(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{str(path)!r}: weights do not fit the {config.variant} its config describes: "
+            f"{source}: weights do not fit the {config.variant} its config describes: "
             f"{str(exc).splitlines()[-1].strip()}"
         ) from exc
-    return model.to(device).eval(), config
+    return model, config

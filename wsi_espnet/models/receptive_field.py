@@ -10,18 +10,26 @@ the knob that trades agreement for compute.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
+from wsi_espnet.atomic_files import replacing
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import TOTAL_STRIDE
 
-__all__ = ["effective_receptive_radius", "halo_for"]
+__all__ = ["HALO_SOURCE", "cached_halo_for", "effective_receptive_radius", "halo_for"]
 
 #: Share of the input-gradient mass the default halo covers (see benchmarks/halo_agreement.py).
 DEFAULT_HALO_MASS = 0.95
 _PROBE_SIZE = 1024
+#: How provenance describes a halo measured by :func:`halo_for`.
+HALO_SOURCE = f"effective receptive field ({DEFAULT_HALO_MASS:.0%} of gradient mass)"
 
 
 def effective_receptive_radius(
@@ -66,3 +74,24 @@ def halo_for(model: nn.Module, *, mass: float = DEFAULT_HALO_MASS) -> int:
     """The default tile halo: the effective receptive radius, rounded up to the network's stride."""
     radius = effective_receptive_radius(model, mass=mass)
     return -(-radius // TOTAL_STRIDE) * TOTAL_STRIDE
+
+
+def cached_halo_for(model: nn.Module, weights_sha256: str) -> int:
+    """:func:`halo_for` ``model``, measured once per weights hash and kept in ``$XDG_CACHE_HOME/wsi-espnet``.
+
+    Measuring takes a backward pass over a large probe; a cache that cannot be read or written is
+    simply not used.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wsi-espnet" / "halo.json"
+    key = f"{weights_sha256}:{DEFAULT_HALO_MASS}"
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(cache.read_text())
+        if isinstance(cached.get(key), int):
+            return int(cached[key])
+    halo = halo_for(model)
+    with contextlib.suppress(OSError, ValueError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(cache.read_text()) if cache.is_file() else {}
+        with replacing(cache) as partial:
+            partial.write_text(json.dumps({**existing, key: halo}))
+    return halo

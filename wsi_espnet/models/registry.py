@@ -126,7 +126,7 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise ConfigError(
             f"the packaged default model {DEFAULT_MODEL!r} is missing from {PACKAGED_DIR} (a broken installation?); "
-            "reinstall wsi-espnet or pass --model MODEL.safetensors."
+            "reinstall wsi-espnet or pass [[model=MODEL.safetensors]]."
         )
     return path
 

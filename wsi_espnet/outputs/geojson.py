@@ -24,7 +24,7 @@ from skimage import measure
 
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import InputError
-from wsi_espnet.outputs.label_classes import NO_TISSUE, LabelClass, check_label_classes
+from wsi_espnet.segmentation.label_values import NO_TISSUE, LabelClass, check_label_classes
 
 __all__ = ["write_geojson"]
 

@@ -12,7 +12,7 @@ places satisfies both; the OME-XML references IFD 0 only, so OME readers ignore 
 is the reduced levels stored twice: at most a third more than level 0 alone, little for label masks,
 which compress by orders of magnitude.
 
-Pixels are the mask values (see :mod:`wsi_espnet.outputs.label_classes`), stored as a palette image
+Pixels are the mask values (see :mod:`wsi_espnet.segmentation.label_values`), stored as a palette image
 whose colour map holds the class colours (values without a class keep a grey ramp), so viewers
 show class colours while the values stay intact: tiffslide and tifffile return the values,
 OpenSlide (which renders to RGBA) returns each class's colour. Pixel size is written twice: as
@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.errors import InputError
-from wsi_espnet.outputs.label_classes import LabelClass, check_label_classes
+from wsi_espnet.segmentation.label_values import LabelClass, check_label_classes
 
 __all__ = ["COMPRESSIONS", "write_ome_tiff"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from wsi_espnet.errors import InputError
-from wsi_espnet.outputs.label_classes import NO_TISSUE, LabelClass, check_label_classes
+from wsi_espnet.segmentation.label_values import NO_TISSUE, LabelClass, check_label_classes
 
 __all__ = ["NGFF_VERSION", "write_ngff_label_metadata"]
 

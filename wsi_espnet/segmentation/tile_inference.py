@@ -24,22 +24,24 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from wsi_espnet.errors import InputError
+from wsi_espnet.devices import resolve
 from wsi_espnet.inference.predict import predict_logits, preprocess
-from wsi_espnet.models.checkpoint_io import load_model
+from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
 from wsi_espnet.models.config import ModelConfig
-from wsi_espnet.outputs.label_classes import NO_TISSUE
 from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.segmentation.label_values import NO_TISSUE
+from wsi_espnet.segmentation.planning import window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
 from wsi_espnet.tiling import Tile
 
 __all__ = [
     "InferenceSettings",
     "TileGroupResult",
+    "cached_model",
     "infer_windows",
+    "label_tiles",
     "read_window",
     "segment_tile_group",
-    "window_key",
 ]
 
 _MODELS: dict[tuple[str, str, str, bool], tuple[nn.Module, ModelConfig]] = {}
@@ -65,13 +67,15 @@ def _model_thread() -> ThreadPoolExecutor:
 class InferenceSettings:
     """What every task needs besides its tiles; small and picklable.
 
-    model_path, model_sha256 : the checkpoint and its hash (the cache key: a changed file reloads).
-    device : "cpu", "cuda", "cuda:1", ...
+    model_path, model_sha256 : the checkpoint and its hash (the cache key: a changed file reloads). A
+        model given in memory has no path; its bytes reach each task as an argument (see
+        :func:`segment_tile_group`), shipped once per worker.
+    device : "auto", "cpu", "cuda", "cuda:1", ... ("auto" is resolved on the worker)
     precision : "fp32", "fp16" or "bf16" (autocast; fp32 runs plain).
     channels_last : run convolutions in NHWC memory layout (faster on CPU and on tensor cores).
     """
 
-    model_path: str
+    model_path: str | None
     model_sha256: str
     device: str = "cpu"
     precision: str = "fp32"
@@ -90,29 +94,21 @@ class TileGroupResult:
     read_seconds: float
 
 
-def resolve_device(device: str, precision: str) -> tuple[str, str]:
-    """Turn "auto" into this process's device ("cuda" when a GPU is visible) and precision (fp16 on CUDA)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise InputError(
-                f"device {device!r} was asked for but this process (or Dask worker) sees "
-                f"{torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto."
-            )
-    if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-    return device, precision
+def cached_model(settings: InferenceSettings, weights: bytes | None = None) -> tuple[nn.Module, ModelConfig]:
+    """The settings' model, loaded once per process and kept in eval mode on its device.
 
-
-def cached_model(settings: InferenceSettings) -> tuple[nn.Module, ModelConfig]:
-    """The settings' model, loaded once per process and kept in eval mode on its device."""
-    device, _ = resolve_device(settings.device, settings.precision)
-    key = (settings.model_path, settings.model_sha256, device, settings.channels_last)
+    ``weights`` are the model's bytes when it was given in memory rather than as a file.
+    """
+    device = resolve(settings.device, settings.precision).device
+    key = (settings.model_path or "", settings.model_sha256, device, settings.channels_last)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            model, config = load_model(settings.model_path, device=device)
+            if settings.model_path is not None:
+                model, config = load_model(settings.model_path, device=device)
+            elif weights is not None:
+                model, config = load_model_bytes(weights, device=device)
+            else:
+                raise ValueError("a model given in memory needs its weights passed to the task")
             if settings.channels_last:
                 model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             _MODELS[key] = (model.eval(), config)
@@ -127,9 +123,9 @@ def infer_windows(
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, window in enumerate(windows):
         by_shape.setdefault(window.shape, []).append(index)
-    device, precision = resolve_device(settings.device, settings.precision)
-    device_type = torch.device(device).type
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    placement = resolve(settings.device, settings.precision)
+    device_type = placement.torch_device.type
+    dtype = placement.autocast_dtype
     for indices in by_shape.values():
         batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
         if settings.channels_last:
@@ -141,11 +137,6 @@ def infer_windows(
     return [r for r in results if r is not None]
 
 
-def window_key(tile: Tile) -> tuple[int, int, int, int]:
-    """A tile's input window as (top, left, height, width): equal keys mean one shared model pass."""
-    return tile.window_top, tile.window_left, tile.window_height, tile.window_width
-
-
 def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray[np.uint8]:
     """Tile's input window ``(window_height, window_width, 3)``, reflect-padded past the slide's end.
 
@@ -154,9 +145,7 @@ def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray
     huge receptive field makes even a few rows of white padding change labels far inside the slide.
     """
     height, width = choice.target_shape
-    window = read_target_region(
-        reader, choice, tile.window_top, tile.window_left, tile.window_height, tile.window_width
-    )
+    window = read_target_region(reader, choice, tile.window)
     inside_h = min(tile.window_height, height - tile.window_top)
     inside_w = min(tile.window_width, width - tile.window_left)
     if (inside_h, inside_w) == window.shape[:2]:
@@ -171,24 +160,24 @@ def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray
     return padded
 
 
-def segment_tile_group(
+def label_tiles(
     reader: SlideReader,
     choice: LevelChoice,
     tiles: Sequence[Tile],
     tissue: Sequence[NDArray[np.bool_] | None],
+    model: nn.Module,
+    config: ModelConfig,
     settings: InferenceSettings,
-    store_path: str,
-) -> TileGroupResult:
-    """Segment ``tiles`` and write them into the store at ``store_path``.
+) -> tuple[list[NDArray[np.uint8]], TileGroupResult]:
+    """Mask values ``tile.region.shape`` uint8 for each tile: ``class + 1``, and 0 where there is no tissue.
 
-    ``tissue[i]`` is tile i's tissue mask at tile resolution (None: all tissue). Labels are written as
-    ``class + 1``, and 0 where there is no tissue.
+    ``tissue[i]`` is tile i's tissue mask on the target grid (None: all tissue). Tiles sharing a
+    window run it once; the windows run as one batch on the process's model thread.
     """
     start = time.perf_counter()
-    unique = {window_key(t): t for t in tiles}  # tiles sharing a window run it once
+    unique = {window_key(t): t for t in tiles}
     windows = [read_window(reader, choice, t) for t in unique.values()]
     read_seconds = time.perf_counter() - start
-    model, config = cached_model(settings)
 
     def run_model() -> tuple[list[NDArray[np.uint8]], float]:
         began = time.perf_counter()
@@ -196,13 +185,33 @@ def segment_tile_group(
 
     labels_per_window, model_seconds = _model_thread().submit(run_model).result()
     predictions = dict(zip(unique, labels_per_window, strict=True))
-    store = LabelStore(store_path)
+    values = []
     for tile, mask in zip(tiles, tissue, strict=True):
         labels = predictions[window_key(tile)][tile.crop] + np.uint8(1)
         if mask is not None:
             labels[~mask] = NO_TISSUE
+        values.append(labels)
+    placement = resolve(settings.device, settings.precision)
+    stats = TileGroupResult(
+        tuple((t.row, t.col) for t in tiles), len(windows), placement.device, placement.precision, model_seconds,
+        read_seconds,
+    )  # fmt: skip
+    return values, stats
+
+
+def segment_tile_group(
+    reader: SlideReader,
+    choice: LevelChoice,
+    tiles: Sequence[Tile],
+    tissue: Sequence[NDArray[np.bool_] | None],
+    settings: InferenceSettings,
+    store_path: str,
+    weights: bytes | None = None,
+) -> TileGroupResult:
+    """The Dask task: :func:`label_tiles`, then write each tile into the store at ``store_path`` and flag it."""
+    model, config = cached_model(settings, weights)
+    values, stats = label_tiles(reader, choice, tiles, tissue, model, config, settings)
+    store = LabelStore(store_path)
+    for tile, labels in zip(tiles, values, strict=True):
         store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
-    device, precision = resolve_device(settings.device, settings.precision)
-    return TileGroupResult(
-        tuple((t.row, t.col) for t in tiles), len(windows), device, precision, model_seconds, read_seconds
-    )
+    return stats

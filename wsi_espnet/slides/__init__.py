@@ -8,12 +8,13 @@ and view a level as a lazy Dask array.
 
 from wsi_espnet.slides.lazy_array import slide_level_dask
 from wsi_espnet.slides.levels import LevelChoice, choose_level, read_target_region
-from wsi_espnet.slides.reader import SlideError, SlideReader, describe_slide, open_slide
+from wsi_espnet.slides.reader import SlideError, SlideReader, can_open, describe_slide, open_slide
 
 __all__ = [
     "LevelChoice",
     "SlideError",
     "SlideReader",
+    "can_open",
     "choose_level",
     "describe_slide",
     "open_slide",

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides.reader import SlideError, SlideReader
 
 __all__ = ["LevelChoice", "choose_level", "read_target_region"]
@@ -28,6 +29,10 @@ class LevelChoice:
         > 1 to downsample, < 1 to upsample (only when even level 0 is coarser than the target).
     resample : True when ``scale != 1.0``.
     target_shape : ``(H, W)`` of the whole slide at ``target_mpp``, ``round(level_shape / scale)``.
+    level_downsample : level-0 pixels per pixel of ``level``.
+
+    The target grid is what the model sees and what the mask is stored on: :attr:`output_mpp` is its
+    real resolution and :attr:`target_to_level0` converts it to the slide's level-0 pixels.
     """
 
     level: int
@@ -36,6 +41,34 @@ class LevelChoice:
     scale: float
     resample: bool
     target_shape: tuple[int, int]
+    level_downsample: float = 1.0
+
+    @property
+    def slide_mpp(self) -> float:
+        """Micrometres per level-0 pixel of the slide."""
+        return self.level_mpp / self.level_downsample
+
+    @property
+    def output_mpp(self) -> float:
+        """Micrometres per target-grid pixel: ``target_mpp`` up to the rounding of a level used as is."""
+        return self.level_mpp * self.scale
+
+    @property
+    def target_to_level0(self) -> float:
+        """Level-0 pixels per target-grid pixel."""
+        return self.output_mpp / self.slide_mpp
+
+    def to_level0(self, region: Region) -> Region:
+        """A target-grid region in level-0 pixels (fractional where the grids do not align)."""
+        return region.scaled(self.target_to_level0)
+
+    def from_level0(self, region: Region) -> Region:
+        """The whole target-grid pixels that cover a level-0 region, clipped to the target grid."""
+        covering = region.scaled(1 / self.target_to_level0).covering_pixels()
+        height, width = self.target_shape
+        top, left = max(0, int(covering.top)), max(0, int(covering.left))
+        bottom, right = min(height, int(covering.bottom)), min(width, int(covering.right))
+        return Region(top, left, max(0, bottom - top), max(0, right - left))
 
 
 def choose_level(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.1) -> LevelChoice:
@@ -61,8 +94,8 @@ def choose_level(reader: SlideReader, target_mpp: float, *, tolerance: float = 0
     if reader.mpp is None:
         raise SlideError(
             f"{reader.path.name} has no micrometres-per-pixel (MPP) metadata, so the level for "
-            f"{target_mpp:g} um/px cannot be chosen. Pass the scan resolution explicitly with --mpp "
-            "(mpp= in Python), e.g. --mpp 0.25 for a 40x scan or --mpp 0.5 for a 20x scan."
+            f"{target_mpp:g} um/px cannot be chosen. Pass the scan resolution explicitly with [[mpp]], "
+            "e.g. [[mpp=0.25]] for a 40x scan or [[mpp=0.5]] for a 20x scan."
         )
     level_mpps = [reader.mpp * downsample for downsample in reader.level_downsamples]
     upper = target_mpp * (1 + tolerance) * (1 + _RELATIVE_EPSILON)
@@ -79,19 +112,19 @@ def choose_level(reader: SlideReader, target_mpp: float, *, tolerance: float = 0
         scale=scale,
         resample=scale != 1.0,
         target_shape=(max(1, round(height / scale)), max(1, round(width / scale))),
+        level_downsample=reader.level_downsamples[level],
     )
 
 
-def read_target_region(
-    reader: SlideReader, choice: LevelChoice, top: int, left: int, height: int, width: int
-) -> NDArray[np.uint8]:
+def read_target_region(reader: SlideReader, choice: LevelChoice, region: Region) -> NDArray[np.uint8]:
     """A ``(height, width, 3)`` uint8 window of the slide on the *target* grid of ``choice``.
 
-    ``top``/``left`` are target-grid pixels. Without resampling this is a plain read of
+    ``region`` is in whole target-grid pixels. Without resampling this is a plain read of
     ``choice.level``; otherwise the level region under the window (plus the filter's support) is read
     and resampled with an antialiased bilinear filter whose sampling positions depend only on the
     global target grid, so neighbouring windows join without seams. Outside the slide is white.
     """
+    top, left, height, width = (int(v) for v in (region.top, region.left, region.height, region.width))
     if not choice.resample:
         return reader.read_region(choice.level, top, left, height, width)
     scale = choice.scale

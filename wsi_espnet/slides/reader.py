@@ -36,9 +36,10 @@ from wsi_espnet.slides._backends import (
     OpenSlideBackend,
     TiffSlideBackend,
     UnsupportedSlideError,
+    find_dicom_instance,
 )
 
-__all__ = ["BackendName", "SlideError", "SlideReader", "describe_slide", "open_slide"]
+__all__ = ["BackendName", "SlideError", "SlideReader", "can_open", "describe_slide", "open_slide"]
 
 BackendName = Literal["tiffslide", "openslide", "image"]
 
@@ -365,7 +366,7 @@ def _open_auto(path: Path) -> tuple[BackendName, Backend]:
     if disguised:
         raise SlideError(
             f"{path} is a {disguised} image named {path.suffix!r}, not a whole-slide image. Rename it to "
-            f".{disguised.lower()} to segment it as a flat image (with --mpp), or use the original slide file."
+            f".{disguised.lower()} to segment it as a flat image (with [[mpp]]), or use the original slide file."
         )
     try:
         tiff_backend = TiffSlideBackend(path)
@@ -474,3 +475,29 @@ def describe_slide(reader: SlideReader) -> str:
     lines.append(f"associated images: {', '.join(reader.associated_images) or 'none'}")
     lines.extend(f"warning:           {sentence}." for sentence in reader.damage)
     return "\n".join(lines)
+
+
+#: Endings of the masks ``wsi-espnet segment`` writes: outputs, never slides.
+_MASK_OUTPUT_ENDINGS = (".mask.zarr", ".mask.ome.tiff", ".mask.ome.tif")
+
+
+def can_open(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`open_slide` would pick a backend for ``path``, judged without decoding it.
+
+    True for an existing file with a supported suffix (TIFF family, OpenSlide formats, PNG/JPEG)
+    and for a folder holding a DICOM instance (only file headers are read to find one). No pixels
+    are read, so a damaged slide (empty, truncated) still gives True and :func:`open_slide` then says
+    what is wrong. False, never an error, for a missing path, an unsupported suffix, a zarr store,
+    and the masks ``wsi-espnet segment`` writes (``<slide>.mask.zarr``, ``<slide>.mask.ome.tiff``).
+    """
+    try:
+        path = Path(path)
+        if path.name.lower().endswith(_MASK_OUTPUT_ENDINGS):
+            return False
+        if path.is_dir():
+            is_zarr = any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zarray"))
+            return not is_zarr and find_dicom_instance(path) is not None
+        suffixes = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, *IMAGE_SUFFIXES)
+        return path.is_file() and path.suffix.lower() in suffixes
+    except (OSError, TypeError, ValueError):
+        return False

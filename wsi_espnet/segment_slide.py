@@ -1,0 +1,401 @@
+"""``segment_slide``: one whole-slide image in, a pyramidal class mask and its provenance out.
+
+The facade over the engine: :func:`~wsi_espnet.segmentation.plan_slide` (level, tissue, tiles) ->
+:func:`~wsi_espnet.segmentation.run_tiles` (Dask tasks into the label store, resumable) -> finalise
+(:mod:`wsi_espnet.outputs`: pyramid, NGFF metadata, OME-TIFF, GeoJSON, provenance) -> store marked
+complete. It owns the resume rules: a killed or cancelled run resumes from the tiles it flagged and
+produces identical labels; a finished output is never replaced without ``overwrite``, and another
+run's output is never resumed into. It runs on the caller's Dask ``client`` (never closed here), or
+on one it starts and closes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from torch import nn
+
+from wsi_espnet import __version__
+from wsi_espnet.atomic_files import replacing
+from wsi_espnet.devices import check_device_spec, check_precision
+from wsi_espnet.errors import InputError, WsiEspnetError
+from wsi_espnet.models.checkpoint_io import file_sha256, load_model, model_bytes
+from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.models.receptive_field import HALO_SOURCE, cached_halo_for
+from wsi_espnet.models.registry import resolve_model_path
+from wsi_espnet.outputs.finalise import build_pyramid, write_derived_outputs, write_tissue_outputs
+from wsi_espnet.outputs.paths import FORMATS, OutputPaths, prepare_out_dir
+from wsi_espnet.outputs.provenance import ModelIdentity, TilingSettings, input_sha256, provenance_record
+from wsi_espnet.segmentation import (
+    InferenceSettings,
+    LabelStore,
+    ProgressCallback,
+    ProgressEvent,
+    SlidePlan,
+    check_cancelled,
+    label_classes_for,
+    local_client,
+    plan_slide,
+    run_lock,
+    run_tiles,
+)
+from wsi_espnet.slides import open_slide
+from wsi_espnet.tissue_detection import TissueOptions
+
+__all__ = ["FORMATS", "ModelSpec", "SegmentOptions", "SegmentationResult", "segment_slide"]
+
+DEFAULT_FORMATS = frozenset({"ome-zarr", "ome-tiff", "provenance"})
+
+#: A model as ``segment_slide`` takes it: a checkpoint path, a packaged model's name, or a loaded model.
+ModelSpec = str | os.PathLike[str] | tuple[nn.Module, ModelConfig] | None
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Settings of one ``segment`` run; the defaults are what the CLI uses.
+
+    out_dir : output folder (default: next to the slide). Created if missing.
+    formats : subset of :data:`FORMATS`; the OME-Zarr store is always kept (it is the working store).
+    mpp : the slide's level-0 micrometres per pixel, overriding (or replacing missing) metadata.
+    target_mpp : resolution to run the model at; default the model's own ``target_mpp``.
+    mpp_tolerance : relative MPP difference within which a level is used without resampling.
+    tile_size : output tile side in target pixels (a multiple of ``chunk``).
+    chunk : zarr chunk side of the mask (default: the largest divisor of the tile size up to 512).
+    halo : context pixels around each tile; None derives it from the model's receptive field.
+    batch_size : tiles per model call.
+    device : "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
+    precision : "auto" (fp16 autocast on CUDA, fp32 on CPU), "fp32", "fp16", "bf16".
+    tissue : tissue detection options.
+    overwrite : replace existing outputs (complete or not) instead of refusing / resuming.
+    scheduler : address of an existing dask.distributed scheduler; None starts a local one.
+    workers : threads of the local scheduler (default: CPU cores, at least 2).
+    backend : slide reader backend ("auto", "tiffslide", "openslide", "image").
+    """
+
+    out_dir: Path | None = None
+    formats: frozenset[str] = DEFAULT_FORMATS
+    mpp: float | None = None
+    target_mpp: float | None = None
+    mpp_tolerance: float = 0.1
+    tile_size: int = 1536
+    chunk: int | None = None
+    halo: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    tissue: TissueOptions = field(default_factory=TissueOptions)
+    overwrite: bool = False
+    scheduler: str | None = None
+    workers: int | None = None
+    backend: str = "auto"
+
+    @property
+    def chunk_size(self) -> int:
+        """The zarr chunk side in effect (``chunk`` or its default)."""
+        if self.chunk:
+            return self.chunk
+        return max(side for side in range(8, 513, 8) if self.tile_size % side == 0)
+
+    def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "formats", frozenset(self.formats))
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise InputError(f"unknown output format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}.")
+        if self.tile_size <= 0 or self.tile_size % 8:
+            raise InputError(f"tile size {self.tile_size} must be a positive multiple of 8.")
+        chunk = self.chunk_size
+        if chunk <= 0 or chunk % 8:
+            raise InputError(f"chunk {chunk} must be a positive multiple of 8.")
+        if self.tile_size % chunk:
+            raise InputError(f"tile size {self.tile_size} must be a multiple of the chunk size {chunk}.")
+        if self.halo is not None and self.halo < 0:
+            raise InputError(f"halo {self.halo} must be >= 0 pixels.")
+        if self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size} must be >= 1.")
+        check_precision(self.precision)
+        check_device_spec(self.device)
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"workers {self.workers} must be >= 1.")
+        for name in ("mpp", "target_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"[[{name}]] {value} must be a positive number of micrometres per pixel.")
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """What a run produced: output paths, the provenance record, and whether work was done (``skipped``)."""
+
+    outputs: dict[str, Path]
+    provenance: dict[str, Any]
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The model of a run: loaded (a bad checkpoint fails before any work starts), identified, shippable."""
+
+    module: nn.Module
+    config: ModelConfig
+    identity: ModelIdentity
+    weights: bytes | None  # the bytes workers load when there is no file to load
+
+    @classmethod
+    def resolve(cls, model: ModelSpec) -> _Model:
+        if isinstance(model, tuple):
+            module, config = model
+            weights = model_bytes(module, config)
+            sha, path, weights_to_ship = hashlib.sha256(weights).hexdigest(), None, weights
+        else:
+            # Absolute paths: workers on other machines or in other folders must find the same file.
+            file = resolve_model_path(None if model is None else str(model)).absolute()
+            module, config = load_model(file)
+            sha, path, weights_to_ship = file_sha256(file), str(file.resolve()), None
+        identity = ModelIdentity(config.name, path, sha, config.variant, config.num_classes, config.target_mpp)
+        return cls(module, config, identity, weights_to_ship)
+
+
+def segment_slide(
+    slide: str | os.PathLike[str],
+    model: ModelSpec = None,
+    options: SegmentOptions | None = None,
+    *,
+    client: Client | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    logger: logging.Logger | None = None,
+) -> SegmentationResult:
+    """Segment ``slide`` with ``model`` (a checkpoint path, a packaged model's name, a loaded
+    ``(model, config)``, or None for the packaged default); see the module docstring.
+
+    ``client`` is a Dask client to run on (left open); without one, ``options.scheduler`` is connected
+    to, or an in-process cluster started, and closed at the end. ``on_progress`` receives
+    :class:`~wsi_espnet.segmentation.ProgressEvent` s; setting ``cancel`` stops the run after the tiles
+    in flight (the store stays resumable) and raises :class:`~wsi_espnet.errors.Cancelled`.
+
+    Raises :class:`~wsi_espnet.errors.WsiEspnetError` subclasses for every user mistake; outputs of
+    a failed run are left marked incomplete (and resumable), never looking finished.
+    """
+    options = options or SegmentOptions()
+    log = logger or _logger
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    slide_path = Path(slide).absolute()
+    name = slide_path.name
+
+    def report(stage: Any, done: int, total: int = 1) -> None:
+        if on_progress is not None:
+            on_progress(ProgressEvent(name, stage, done, total))
+
+    check_cancelled(cancel, name)
+    report("planning", 0)
+    reader = open_slide(slide_path, backend=options.backend, mpp=options.mpp)  # type: ignore[arg-type]
+    for sentence in reader.damage:
+        log.warning("%s: %s.", name, sentence)
+    resolved = _Model.resolve(model)
+    config, target_mpp = resolved.config, options.target_mpp or resolved.config.target_mpp
+    if options.halo is not None:
+        halo, halo_source = options.halo, "given"
+    else:
+        halo, halo_source = cached_halo_for(resolved.module, resolved.identity.sha256), HALO_SOURCE
+    out_dir = prepare_out_dir(slide_path, options.out_dir)
+    paths = OutputPaths.for_slide(slide_path, out_dir)
+    outputs = paths.requested(options.formats)
+
+    with run_lock(paths.zarr):
+        t0 = time.perf_counter()
+        plan = plan_slide(
+            reader, config, halo=halo, target_mpp=target_mpp, tolerance=options.mpp_tolerance,
+            tile_size=options.tile_size, tissue=options.tissue,
+        )  # fmt: skip
+        timings["tissue_detection"] = time.perf_counter() - t0
+        run_key = _run_key(slide_path, resolved.identity.sha256, plan, options)
+        store = LabelStore(paths.zarr)
+        state = store.state()
+        if state is not None and not options.overwrite:
+            if state.get("run_key") != run_key:
+                raise InputError(
+                    f"{paths.zarr} holds {'a finished' if state.get('status') == 'complete' else 'an interrupted'} "
+                    "run with other inputs or settings; pass [[overwrite=True]] to replace it, or [[out]] for another "
+                    "folder."
+                )
+            if state.get("status") == "complete" and all(p.exists() for p in outputs.values()):
+                log.info("%s is already complete for these inputs and settings; nothing to do.", paths.zarr)
+                previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
+                return SegmentationResult(outputs, previous, skipped=True)
+        elif state is None and not options.overwrite:
+            existing = [str(p) for p in outputs.values() if p.exists()]
+            if existing:
+                raise InputError(
+                    f"{', '.join(existing)} already exist(s) but no matching run store does; pass "
+                    "[[overwrite=True]] to replace, or [[out]] for another folder."
+                )
+        resumed = state is not None and not options.overwrite
+        was_complete = resumed and state is not None and state.get("status") == "complete"
+        report("planning", 1)
+        checksum: dict[str, str] = {}
+        checksum_thread = threading.Thread(
+            target=lambda: checksum.update(sha256=input_sha256(slide_path)), name="slide-checksum", daemon=True
+        )
+        checksum_thread.start()
+        try:
+            if not resumed:
+                # Outputs of an earlier run must not sit beside a new, unfinished store looking complete.
+                for stale in paths.derived():
+                    stale.unlink(missing_ok=True)
+                store = LabelStore.create(
+                    paths.zarr, shape=plan.tiles.shape, chunk=options.chunk_size, tile_grid=plan.tiles.grid_shape,
+                    run_key=run_key, attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
+                )  # fmt: skip
+            else:
+                store.mark_running()
+            write_tissue_outputs(store, plan.tissue, paths.tissue_png)
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        if not plan.tissue_tiles:
+            log.info("no tissue found on %s (method %s); writing an empty mask.", name, plan.tissue.method)
+
+        # "auto" device and precision are resolved on each worker, which may have a GPU the caller lacks.
+        model_path = resolved.identity.path
+        settings = InferenceSettings(
+            model_path, resolved.identity.sha256, options.device, options.precision, channels_last=True
+        )
+        t0 = time.perf_counter()
+        try:
+            with _client(client, options) as run_client:
+                stats = run_tiles(
+                    plan, settings, store, client=run_client, batch_size=options.batch_size,
+                    weights=resolved.weights, on_progress=on_progress, cancel=cancel,
+                )  # fmt: skip
+                timings["inference"] = time.perf_counter() - t0
+                check_cancelled(cancel, name)
+                report("pyramid", 0)
+                t0 = time.perf_counter()
+                level_paths = build_pyramid(store)
+                timings["pyramid"] = time.perf_counter() - t0
+                report("pyramid", 1)
+                scheduler = _scheduler_name(client, options)
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+
+        check_cancelled(cancel, name)
+        report("writing", 0)
+        t0 = time.perf_counter()
+        classes = label_classes_for(config)
+        try:
+            finalised = write_derived_outputs(
+                store, plan, level_paths, classes, paths, options.formats, keep_existing=was_complete
+            )
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        timings["outputs"] = time.perf_counter() - t0
+        checksum_thread.join()
+        timings["total"] = time.perf_counter() - started
+
+        record = provenance_record(
+            plan=plan, input_checksum=checksum.get("sha256"), model=resolved.identity,
+            target_mpp=plan.choice.target_mpp, stats=stats,
+            tiling=TilingSettings(halo_source, options.chunk_size, options.batch_size), classes=classes,
+            areas=finalised.areas, timings=timings, outputs=outputs,
+            execution={
+                "scheduler": scheduler, "device": list(stats.devices) or [options.device],
+                "precision": list(stats.precisions) or [options.precision],
+            },
+        )  # fmt: skip
+        if was_complete and paths.provenance.is_file():
+            # The original record describes how the mask was made; only the list of outputs grows.
+            record = {
+                **json.loads(paths.provenance.read_text()),
+                "outputs": record["outputs"],
+                "updated": record["created"],
+            }
+        try:
+            # The store is marked complete before the provenance appears: a provenance file is only ever
+            # next to a complete store (a kill in between leaves it missing, and a rerun writes it).
+            store.mark_complete(completed=record["created"])
+            if "provenance" in options.formats:
+                with replacing(paths.provenance) as partial:
+                    partial.write_text(json.dumps(record, indent=2, default=str))
+        except OSError as exc:
+            raise _disk_error(exc, out_dir) from exc
+        report("writing", 1)
+        return SegmentationResult(outputs, record)
+
+
+@contextlib.contextmanager
+def _client(client: Client | None, options: SegmentOptions) -> Iterator[Client]:
+    """The caller's client as it is (never closed here), else a connection to ``options.scheduler``, else our own."""
+    if client is not None:
+        yield client
+        return
+    if options.scheduler:
+        try:
+            connected = Client(options.scheduler, timeout="20s")
+        except OSError as exc:
+            raise InputError(
+                f"cannot reach the Dask scheduler at {options.scheduler!r} ({exc}); check the address, or leave out "
+                "[[scheduler]] to run locally."
+            ) from exc
+        with connected:
+            yield connected
+        return
+    with local_client(options.workers) as own:
+        yield own
+
+
+def _scheduler_name(client: Client | None, options: SegmentOptions) -> str:
+    if client is not None:
+        return str(client.scheduler_info().get("address", "client"))
+    return options.scheduler or "local"
+
+
+def _run_key(slide: Path, model_sha: str, plan: SlidePlan, options: SegmentOptions) -> str:
+    """A fingerprint of the inputs and settings: a store is only ever resumed by the run that started it."""
+    stat = slide.stat()
+    choice = plan.choice
+    fingerprint = {
+        "slide": str(slide.resolve()),
+        "slide_size": stat.st_size,
+        "slide_mtime_ns": stat.st_mtime_ns,
+        "model": model_sha,
+        "choice": {
+            "level": choice.level, "level_mpp": choice.level_mpp, "target_mpp": choice.target_mpp,
+            "scale": choice.scale, "resample": choice.resample, "target_shape": choice.target_shape,
+        },
+        "tile_size": plan.tiles.tile_size,
+        "halo": plan.tiles.halo,
+        "chunk": options.chunk_size,
+        "batch_size": options.batch_size,
+        "tissue": dataclasses.asdict(options.tissue),
+        "mpp": options.mpp,
+        "device": options.device,
+        "precision": options.precision,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _disk_error(exc: OSError, out_dir: Path) -> WsiEspnetError:
+    if exc.errno == errno.ENOSPC:
+        return InputError(
+            f"the disk holding {str(out_dir)!r} is full ({exc}); free space or choose another [[out]] folder, then "
+            "rerun the same command to resume. The output is marked incomplete."
+        )
+    return InputError(f"cannot write outputs in {str(out_dir)!r}: {exc}. The output is marked incomplete.")

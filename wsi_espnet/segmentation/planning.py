@@ -1,0 +1,113 @@
+"""Planning a slide: the level for the model's MPP, the tissue mask, the tile plan, the tiles that hold tissue.
+
+A :class:`SlidePlan` is everything a run needs to know about the slide before any tile is read; it
+is small and picklable, so the same plan serves a local run, a cluster run and an in-memory region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_espnet.errors import InputError
+from wsi_espnet.geometry import Region
+from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.models.espnet import TOTAL_STRIDE
+from wsi_espnet.slides import LevelChoice, SlideReader, choose_level
+from wsi_espnet.tiling import Tile, TilePlan, plan_tiles
+from wsi_espnet.tissue_detection import TissueMask, TissueOptions, detect_tissue
+
+__all__ = ["SlidePlan", "plan_slide", "tile_groups", "tiles_touching", "window_key"]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What to read and where to write for one slide.
+
+    reader : the slide (picklable; workers reopen the file).
+    choice : the level read and the target grid (``choice.output_mpp`` um/px) the mask is stored on.
+    tissue : the tissue mask over level 0.
+    tiles : every tile of the target grid with its input window.
+    tissue_tiles : the tiles that touch tissue, the only ones ever read.
+    """
+
+    reader: SlideReader
+    choice: LevelChoice
+    tissue: TissueMask
+    tiles: TilePlan
+    tissue_tiles: tuple[Tile, ...]
+
+    @property
+    def slide_name(self) -> str:
+        return self.reader.path.name
+
+    def tissue_masks(self, tiles: list[Tile]) -> list[NDArray[np.bool_] | None]:
+        """Each tile's tissue mask on the target grid, ``tile.region.shape`` bool (None when detection is off)."""
+        if self.tissue.method == "disabled":
+            return [None] * len(tiles)
+        scale = self.choice.target_to_level0
+        return [self.tissue.window(self.choice.to_level0(t.region)).sample(t.region, scale) for t in tiles]
+
+
+def plan_slide(
+    reader: SlideReader,
+    config: ModelConfig,
+    *,
+    halo: int,
+    target_mpp: float | None = None,
+    tolerance: float = 0.1,
+    tile_size: int = 1536,
+    tissue: TissueOptions | TissueMask | None = None,
+) -> SlidePlan:
+    """Plan ``reader``'s slide for the model described by ``config``.
+
+    Parameters
+    ----------
+    halo : context pixels around each tile, on the target grid (rounded up to the network's stride).
+    target_mpp : micrometres per pixel to run the model at; default ``config.target_mpp``.
+    tolerance : relative MPP difference within which a level is used without resampling.
+    tile_size : output tile side in target pixels, a multiple of the network's stride.
+    tissue : detection options (default :class:`TissueOptions`), or a mask already detected on this slide.
+
+    Raises
+    ------
+    InputError : neither the model nor the caller says which MPP to run at, the slide has no MPP, or a
+        size is out of range.
+    """
+    target = target_mpp or config.target_mpp
+    if target is None:
+        raise InputError(
+            f"model {config.name!r} does not say which micrometres per pixel it expects; pass [[target_mpp]] "
+            "(e.g. 0.5 for a model trained on 20x tiles)."
+        )
+    choice = choose_level(reader, target, tolerance=tolerance)
+    tiles = plan_tiles(choice.target_shape, tile_size=tile_size, halo=halo, stride=TOTAL_STRIDE)
+    if not isinstance(tissue, TissueMask):
+        tissue = detect_tissue(reader, mpp=choice.slide_mpp, options=tissue)
+    tissue_tiles = tuple(t for t in tiles if tissue.region_fraction(choice.to_level0(t.region)) > 0)
+    return SlidePlan(reader, choice, tissue, tiles, tissue_tiles)
+
+
+def window_key(tile: Tile) -> tuple[int, int, int, int]:
+    """A tile's input window as (top, left, height, width): equal keys mean one shared model pass."""
+    return tile.window_top, tile.window_left, tile.window_height, tile.window_width
+
+
+def tile_groups(tiles: tuple[Tile, ...] | list[Tile], batch_size: int) -> list[list[Tile]]:
+    """Fixed batches of ``batch_size`` distinct windows, with every tile each window serves.
+
+    On slides narrower than a window several tiles share one window; grouping them lets the task run
+    it once. The grouping depends only on the plan, so a resumed run batches (and computes) alike.
+    """
+    by_window: dict[tuple[int, int, int, int], list[Tile]] = {}
+    for tile in tiles:
+        by_window.setdefault(window_key(tile), []).append(tile)
+    windows = list(by_window.values())
+    return [[t for group in windows[i : i + batch_size] for t in group] for i in range(0, len(windows), batch_size)]
+
+
+def tiles_touching(plan: SlidePlan, region: Region) -> list[Tile]:
+    """The plan's tiles (with tissue or not) whose output region meets a target-grid ``region``."""
+    return [t for t in plan.tiles if t.region.intersects(region)]

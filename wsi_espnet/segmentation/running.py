@@ -1,0 +1,177 @@
+"""Running a plan's tiles as Dask tasks on a caller's client: bounded in flight, resumable, cancellable.
+
+Each task segments a fixed group of tiles and writes them into the label store, flagging each tile
+once its labels are stored; tiles already flagged are never submitted again. A failure, a lost
+worker or a cancel request stops submitting, lets the tasks in flight finish (their tiles count),
+and then raises, so the store is left consistent and a rerun resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
+
+from wsi_espnet.errors import InputError
+from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.segmentation.planning import SlidePlan, tile_groups
+from wsi_espnet.segmentation.progress import ProgressCallback, ProgressEvent, check_cancelled
+from wsi_espnet.segmentation.tile_inference import InferenceSettings, TileGroupResult, segment_tile_group
+from wsi_espnet.tiling import Tile
+
+__all__ = ["RunStats", "local_client", "run_tiles"]
+
+#: How long a run waits for the first worker of an external cluster.
+WORKER_WAIT_S = 120
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What :func:`run_tiles` did: tiles resumed from the store, windows run, seconds, devices used."""
+
+    tiles_total: int
+    tiles_resumed: int
+    windows_run: int
+    model_seconds: float
+    read_seconds: float
+    devices: tuple[str, ...]
+    precisions: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def local_client(threads: int | None = None) -> Iterator[Client]:
+    """An in-process Dask cluster with one worker of ``threads`` threads (default: CPU cores, at least 2).
+
+    In-process, the model is loaded once and shared; one thread runs it while the others read and write.
+    """
+    threads = threads or max(2, os.cpu_count() or 1)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0",
+        silence_logs=logging.CRITICAL,  # worker errors reach the caller as exceptions; the CLI logs the rest
+    ) as cluster, Client(cluster) as client:  # fmt: skip
+        yield client
+
+
+def run_tiles(
+    plan: SlidePlan,
+    settings: InferenceSettings,
+    store: LabelStore,
+    *,
+    client: Client,
+    batch_size: int = 1,
+    weights: bytes | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> RunStats:
+    """Segment the plan's tissue tiles that ``store`` has not flagged done, on ``client``'s cluster.
+
+    ``weights`` are the model's bytes when ``settings`` names no file; they are shipped to each worker
+    once. ``on_progress`` receives a ``"tiles"`` event per finished task; setting ``cancel`` stops the
+    run after the tasks in flight and raises :class:`~wsi_espnet.errors.Cancelled`.
+
+    Raises
+    ------
+    InputError : a worker died or a GPU ran out of memory (the message says what to lower), or no
+        worker joined the cluster.
+    Cancelled : ``cancel`` was set.
+    """
+    done = store.done_tiles()
+    tiles_resumed = sum(1 for t in plan.tissue_tiles if done[t.row, t.col])
+    groups = [g for g in tile_groups(plan.tissue_tiles, batch_size) if not all(done[t.row, t.col] for t in g)]
+    total, finished = len(plan.tissue_tiles), tiles_resumed
+    detail = f"{plan.tissue.fraction:.0%} tissue"
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(ProgressEvent(plan.slide_name, "tiles", finished, total, detail))
+
+    report()
+    results: list[TileGroupResult] = []
+    if groups:
+        _wait_for_workers(client)
+        shipped = client.scatter(weights, broadcast=True, hash=False) if weights is not None else None
+
+        def submit(group: list[Tile]) -> Future[TileGroupResult]:
+            return client.submit(
+                segment_tile_group, plan.reader, plan.choice, group, plan.tissue_masks(group), settings,
+                str(store.path), shipped, pure=False,
+            )  # fmt: skip
+
+        pending = iter(groups)
+        in_flight = max(2, 2 * sum(client.nthreads().values()))
+        futures = as_completed([submit(g) for g in _take(pending, in_flight)])
+        for future in futures:
+            try:
+                result: TileGroupResult = future.result()
+            except KilledWorker as exc:
+                _drain(futures)
+                raise InputError(
+                    "a Dask worker died while segmenting (most often it ran out of memory); lower [[tile_size]] or "
+                    "[[batch_size]], or give workers more memory, then rerun the same command to resume."
+                ) from exc
+            except torch.OutOfMemoryError as exc:
+                _drain(futures)
+                raise InputError(
+                    "the GPU ran out of memory; lower [[batch_size]] or [[tile_size]], then rerun the command to "
+                    "resume."
+                ) from exc
+            except BaseException:
+                _drain(futures)
+                raise
+            results.append(result)
+            finished += len(result.tiles)
+            report()
+            if cancel is not None and cancel.is_set():
+                _drain(futures)
+                check_cancelled(cancel, plan.slide_name)
+            for group in _take(pending, 1):
+                futures.add(submit(group))
+    return RunStats(
+        tiles_total=total,
+        tiles_resumed=tiles_resumed,
+        windows_run=sum(r.windows for r in results),
+        model_seconds=sum(r.model_seconds for r in results),
+        read_seconds=sum(r.read_seconds for r in results),
+        devices=tuple(sorted({r.device for r in results})),
+        precisions=tuple(sorted({r.precision for r in results})),
+    )
+
+
+def _wait_for_workers(client: Client) -> None:
+    if client.nthreads():
+        return
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError as exc:
+        raise InputError(
+            f"no Dask worker joined the scheduler within {WORKER_WAIT_S} s; start workers (or check the "
+            "cluster), then rerun the same command to resume."
+        ) from exc
+
+
+def _drain(futures: Any) -> None:
+    """Let the tasks already submitted finish (their errors are dropped) before the run stops.
+
+    Running tasks cannot be stopped mid-write; closing the cluster under them would leave zarr writes
+    in flight and print their tracebacks. The tiles they finish are flagged, so a rerun has less to do.
+    """
+    for future in futures:  # a second Ctrl-C (KeyboardInterrupt) stops the wait
+        with contextlib.suppress(Exception):
+            future.result()
+
+
+def _take(iterator: Iterator[list[Tile]], count: int) -> list[list[Tile]]:
+    taken = []
+    for _ in range(count):
+        item = next(iterator, None)
+        if item is None:
+            break
+        taken.append(item)
+    return taken
