@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -221,41 +222,29 @@ def segment_slide(
     outputs = paths.requested(options.formats)
 
     with run_lock(paths.zarr):
-        t0 = time.perf_counter()
-        plan = plan_slide(
-            reader, config, halo=halo, target_mpp=target_mpp, tolerance=options.mpp_tolerance,
-            tile_size=options.tile_size, tissue=options.tissue,
+        planned = functools.partial(
+            plan_slide, reader, config, halo=halo, target_mpp=target_mpp, tolerance=options.mpp_tolerance,
+            tile_size=options.tile_size,
         )  # fmt: skip
-        timings["tissue_detection"] = time.perf_counter() - t0
-        run_key = _run_key(slide_path, resolved.identity.sha256, plan, options)
+        # The run key needs only the level and tile grid: a finished run is recognised before tissue detection.
+        run_key = _run_key(slide_path, resolved.identity.sha256, planned(tissue=TissueOptions(enabled=False)), options)
         store = LabelStore(paths.zarr)
-        state = store.state()
-        if state is not None and not options.overwrite:
-            if state.get("run_key") != run_key:
-                raise InputError(
-                    f"{paths.zarr} holds {'a finished' if state.get('status') == 'complete' else 'an interrupted'} "
-                    "run with other inputs or settings; pass [[overwrite=True]] to replace it, or [[out]] for another "
-                    "folder."
-                )
-            if state.get("status") == "complete" and all(p.exists() for p in outputs.values()):
-                log.info("%s is already complete for these inputs and settings; nothing to do.", paths.zarr)
-                previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
-                return SegmentationResult(outputs, previous, skipped=True)
-        elif state is None and not options.overwrite:
-            existing = [str(p) for p in outputs.values() if p.exists()]
-            if existing:
-                raise InputError(
-                    f"{', '.join(existing)} already exist(s) but no matching run store does; pass "
-                    "[[overwrite=True]] to replace, or [[out]] for another folder."
-                )
-        resumed = state is not None and not options.overwrite
-        was_complete = resumed and state is not None and state.get("status") == "complete"
-        report("planning", 1)
+        state = _existing_run(store, run_key, paths, outputs, options)
+        if state is not None and state.get("status") == "complete" and all(p.exists() for p in outputs.values()):
+            log.info("%s is already complete for these inputs and settings; nothing to do.", paths.zarr)
+            previous = json.loads(paths.provenance.read_text()) if paths.provenance.is_file() else dict(state)
+            return SegmentationResult(outputs, previous, skipped=True)
+        resumed = state is not None
+        was_complete = state is not None and state.get("status") == "complete"
         checksum: dict[str, str] = {}
         checksum_thread = threading.Thread(
             target=lambda: checksum.update(sha256=input_sha256(slide_path)), name="slide-checksum", daemon=True
         )
         checksum_thread.start()
+        t0 = time.perf_counter()
+        plan = planned(tissue=options.tissue)
+        timings["tissue_detection"] = time.perf_counter() - t0
+        report("planning", 1)
         try:
             if not resumed:
                 # Outputs of an earlier run must not sit beside a new, unfinished store looking complete.
@@ -338,6 +327,34 @@ def segment_slide(
             raise _disk_error(exc, out_dir) from exc
         report("writing", 1)
         return SegmentationResult(outputs, record)
+
+
+def _existing_run(
+    store: LabelStore, run_key: str, paths: OutputPaths, outputs: dict[str, Path], options: SegmentOptions
+) -> dict[str, Any] | None:
+    """The state of the run ``store`` holds that this one may resume, or None to start afresh.
+
+    Raises :class:`InputError` when the store (or loose outputs) belong to a run with other inputs or
+    settings, unless ``overwrite``.
+    """
+    state = store.state()
+    if options.overwrite:
+        return None
+    if state is None:
+        existing = [str(p) for p in outputs.values() if p.exists()]
+        if existing:
+            raise InputError(
+                f"{', '.join(existing)} already exist(s) but no matching run store does; pass [[overwrite=True]] to "
+                "replace, or [[out]] for another folder."
+            )
+        return None
+    if state.get("run_key") != run_key:
+        finished = "a finished" if state.get("status") == "complete" else "an interrupted"
+        raise InputError(
+            f"{paths.zarr} holds {finished} run with other inputs or settings; pass [[overwrite=True]] to replace "
+            "it, or [[out]] for another folder."
+        )
+    return state
 
 
 @contextlib.contextmanager
