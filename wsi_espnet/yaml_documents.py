@@ -90,7 +90,7 @@ def _message(
     keys: list[str | int] = list(error.absolute_path)
     message = error.message
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        allowed = set(error.schema.get("properties", {}))
+        allowed = set(error.schema.get("properties", {})) if isinstance(error.schema, dict) else set()
         unknown = sorted(k for k in error.instance if k not in allowed)
         if unknown:
             keys.append(unknown[0])
