@@ -37,7 +37,7 @@ from wsi_espnet.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = PROJECT_ROOT / "data_manifests"
-SHIPPED = sorted(MANIFESTS.glob("*.yaml"))
+SHIPPED = sorted(p for p in MANIFESTS.glob("*.yaml") if not p.name.startswith("cohort-"))  # cohorts: test_batch
 #: Manifests of the user's own data: their root is a variable without default.
 USER_DATASETS = {
     "cityscapes.yaml": ("CITYSCAPES_ROOT", ("train", "val"), 19),

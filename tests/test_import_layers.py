@@ -16,12 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_espnet"
 #: Top-level module or package -> layer; a module may import from its own layer or lower ones.
 LAYERS: dict[str, int] = {
     "__init__": 0, "__main__": 7, "errors": 0, "atomic_files": 0, "geometry": 0, "devices": 0,
+    "yaml_documents": 0,
     "slides": 1, "tissue_detection": 1,
     "tiling": 2,
     "models": 3, "inference": 3,
     "segmentation": 4,
     "outputs": 5,
-    "datasets": 6, "evaluation": 6, "training": 6, "segment_slide": 6, "demo": 6,
+    "datasets": 6, "evaluation": 6, "training": 6, "segment_slide": 6, "demo": 6, "batch": 6,
     "cli": 7,
 }  # fmt: skip
 #: Pairs that the layer numbers alone would allow but that must not exist.

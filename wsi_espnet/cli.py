@@ -4,6 +4,11 @@ Exit codes: 0 success (also when the outputs were already complete); 2 bad input
 message says what to fix: missing or unreadable slide, missing MPP, unwritable or full output
 folder, outputs of another run in the way); 3 a checkpoint that is missing, corrupted or does not
 fit; 130 interrupted (rerun the same command to resume); 1 an unexpected internal error (a bug).
+
+``batch`` (a cohort on one Dask cluster) exits 0 when every slide was segmented or already complete;
+4 when one or more slides failed (the others are done; the report next to the outputs gives each
+slide's reason); 2 for a bad pipeline or cohort manifest (nothing is run); 3 for a bad checkpoint;
+130 when interrupted (finished tiles are kept; rerun to resume).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wsi_espnet import __version__
 from wsi_espnet.errors import InputError, WsiEspnetError, render_options
@@ -25,10 +30,14 @@ from wsi_espnet.errors import InputError, WsiEspnetError, render_options
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from wsi_espnet.batch import Pipeline
     from wsi_espnet.segment_slide import SegmentationResult, SegmentOptions
     from wsi_espnet.segmentation import ProgressEvent
 
-__all__ = ["main"]
+__all__ = ["PARTIAL_FAILURE", "main"]
+
+#: Exit code of ``batch`` when some slides failed and the others were done.
+PARTIAL_FAILURE = 4
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -230,6 +239,94 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return _run_segment(args.slide, _model_path(args.model), args)
 
 
+def _batch_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The pipeline file (or ``--input``/``--out``), with the flags given on the command line overriding it."""
+    import dataclasses
+
+    from wsi_espnet.batch import ClusterSpec, cohort_from_pattern, load_cohort, load_pipeline, pipeline_from_inputs
+    from wsi_espnet.segment_slide import FORMATS
+
+    if args.pipeline is not None:
+        pipeline = load_pipeline(args.pipeline)
+        if args.input is not None:
+            text = str(args.input)
+            cohort = load_cohort(text) if text.lower().endswith((".yaml", ".yml")) else cohort_from_pattern(text)
+            pipeline = pipeline.replace(cohort=cohort)
+        if args.out is not None:
+            pipeline = pipeline.replace(out_dir=args.out.absolute())
+    elif args.input is None or args.out is None:
+        raise InputError("give a pipeline file (wsi-espnet batch PIPELINE.yaml), or both --input and --out.")
+    else:
+        pipeline = pipeline_from_inputs(args.input, args.out)
+    changes: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("target_mpp", "tile_size", "halo", "batch_size", "device", "precision")
+        if getattr(args, name) is not None
+    }
+    if args.format is not None:
+        changes["formats"] = (
+            frozenset(FORMATS) if args.format == "all" else frozenset(f.strip() for f in args.format.split(","))
+        )
+    if args.no_tissue_detection:
+        changes["tissue"] = dataclasses.replace(pipeline.options.tissue, enabled=False)
+    if args.overwrite:
+        changes["overwrite"] = True
+    pipeline = pipeline.replace(options=dataclasses.replace(pipeline.options, **changes))
+    if args.model is not None:
+        pipeline = pipeline.replace(model=str(args.model))
+    if args.layout is not None:
+        pipeline = pipeline.replace(layout=args.layout)
+    if args.concurrent_slides is not None:
+        pipeline = pipeline.replace(concurrent_slides=args.concurrent_slides)
+    if args.scheduler is not None:
+        pipeline = pipeline.replace(cluster=ClusterSpec("scheduler", {"address": args.scheduler}))
+    elif args.workers is not None or args.threads_per_worker is not None:
+        local = pipeline.cluster.settings if pipeline.cluster.kind == "local" else {}
+        given = {"workers": args.workers, "threads_per_worker": args.threads_per_worker}
+        pipeline = pipeline.replace(
+            cluster=ClusterSpec("local", {**local, **{k: v for k, v in given.items() if v is not None}})
+        )
+    return pipeline
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from wsi_espnet.batch import SlideOutcome, run_pipeline
+
+    pipeline = _batch_pipeline(args)
+    show = not args.quiet
+    total = len(pipeline.cohort.slides)
+    bar = tqdm(total=total, unit="slide", desc=pipeline.name, file=sys.stderr, dynamic_ncols=True, disable=not show)
+
+    def started(scheduler: str, dashboard: str | None) -> None:
+        if show:
+            bar.write(f"wsi-espnet: {total} slides on {scheduler}; dashboard: {dashboard or 'none'}", file=sys.stderr)
+
+    def finished(outcome: SlideOutcome) -> None:
+        if show:
+            line = f"{outcome.status:<9} {outcome.slide.stem} ({outcome.seconds:.1f} s)"
+            bar.write(line + (f": {outcome.reason}" if outcome.status != "ok" else ""), file=sys.stderr)
+        bar.update(1)
+
+    # segment_slide's own "already complete" notes would repeat the per-slide lines.
+    engine_logger = logging.getLogger("wsi_espnet.segment_slide")
+    previous = engine_logger.level
+    engine_logger.setLevel(logging.WARNING)
+    try:
+        report = run_pipeline(pipeline, on_start=started, on_slide=finished)
+    finally:
+        engine_logger.setLevel(previous)
+        bar.close()
+    csv_path = pipeline.out_dir / f"{report.pipeline}.batch-report.csv"
+    if show:
+        print(report.summary_table())
+        print(f"report: {csv_path} and {csv_path.with_suffix('.json')}")
+        if report.counts["skipped"] == total:
+            print("nothing to do: every slide was already complete (pass --overwrite to recompute).")
+    return PARTIAL_FAILURE if report.failed else 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_espnet.devices import resolve
     from wsi_espnet.inference.predict_images import predict_image_files
@@ -382,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsi-espnet",
         description="Segment gigapixel whole-slide images with ESPNet.",
         epilog="Exit codes: 0 ok (or already complete), 1 internal error, 2 bad input or usage, 3 bad checkpoint, "
-        "130 interrupted (rerun to resume).",
+        "4 (batch) some slides failed, 130 interrupted (rerun to resume).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -417,6 +514,33 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", type=Path, default=None, help="a .safetensors checkpoint (default: packaged)")
     _add_segment_options(segment)
     segment.set_defaults(run=_cmd_segment)
+
+    batch = commands.add_parser(
+        "batch", help="segment every slide of a cohort on one Dask cluster, with a CSV/JSON report",
+        description="Run a pipeline file, or --input (a cohort manifest, a folder or a glob) with --out. Flags "
+        "override the pipeline's values. Exit codes: 0 every slide done (or already complete), 4 some slides "
+        "failed (see the report), 2 bad pipeline or manifest, 3 bad checkpoint, 130 interrupted.",
+    )  # fmt: skip
+    batch.add_argument("pipeline", type=Path, nargs="?", help="a pipeline file, e.g. pipelines/local-example.yaml")
+    batch.add_argument("--input", default=None, help="a cohort manifest (.yaml), a folder of slides or a glob")
+    batch.add_argument("--out", type=Path, default=None, help="output folder (the report goes there too)")
+    batch.add_argument("--model", default=None, help="a .safetensors checkpoint or a packaged name (default: packaged)")
+    batch.add_argument("--layout", choices=["flat", "per-slide"], default=None, help="flat (default) or per-slide")
+    batch.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    batch.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster")
+    batch.add_argument("--threads-per-worker", type=int, default=None, help="threads per local worker (default 1)")
+    batch.add_argument("--concurrent-slides", type=int, default=None, help="slides driven at once (default 2)")
+    batch.add_argument("--format", default=None, help="comma-separated outputs, or 'all' (default: the pipeline's)")
+    batch.add_argument("--target-mpp", type=float, default=None, help="run the model at this um/px")
+    batch.add_argument("--tile-size", type=int, default=None, help="output tile side in pixels (default 1536)")
+    batch.add_argument("--halo", type=int, default=None, help="context pixels around tiles (default: from the model)")
+    batch.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 1)")
+    batch.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
+    batch.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    batch.add_argument("--no-tissue-detection", action="store_true", help="segment whole slides, glass included")
+    batch.add_argument("--overwrite", action="store_true", help="recompute slides that are already complete")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar, no per-slide lines, no summary")
+    batch.set_defaults(run=_cmd_batch)
 
     predict = commands.add_parser("predict", help="segment ordinary image files into label and overlay PNGs")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG, JPEG or TIFF image files")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -38,6 +37,7 @@ import yaml
 
 from wsi_espnet.errors import InputError
 from wsi_espnet.models.config import Preprocessing, default_palette
+from wsi_espnet.yaml_documents import expand_env, resolve_path
 
 __all__ = [
     "ClassSpec",
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @cache
@@ -61,21 +60,6 @@ def manifest_schema() -> dict[str, Any]:
     """The JSON Schema every manifest is validated against."""
     schema: dict[str, Any] = json.loads((Path(__file__).with_name("manifest.schema.json")).read_text())
     return schema
-
-
-def expand_env(text: str, *, where: str) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        raise InputError(f"{where} uses ${{{name}}} but {name} is not set; set it (export {name}=...) and retry.")
-
-    return _ENV_PATTERN.sub(substitute, text)
 
 
 @dataclass(frozen=True)
@@ -207,16 +191,6 @@ def _schema_error_message(path: Path, error: jsonschema.ValidationError) -> str:
     return f"manifest {str(path)!r} is not valid at {where}: {message}. See wsi_espnet/datasets/manifest.schema.json."
 
 
-def _resolve(base: Path, text: str, *, where: str) -> Path:
-    """``text`` with variables expanded; relative to ``base``, except that a path starting with a set
-    variable whose value is relative is taken relative to the working directory (as the user typed it)."""
-    leading = _ENV_PATTERN.match(text)
-    if leading and os.environ.get(leading.group(1)) and not Path(os.environ[leading.group(1)]).is_absolute():
-        base = Path.cwd()
-    expanded = Path(expand_env(text, where=where)).expanduser()
-    return (expanded if expanded.is_absolute() else (base / expanded)).resolve()
-
-
 def _parse_mask(raw: Mapping[str, Any], num_classes: int, ignore_index: int | None, where: str) -> MaskEncoding:
     remap = {int(k): int(v) for k, v in raw.get("remap", {}).items()}
     colors = tuple((tuple(entry["color"]), int(entry["class"])) for entry in raw.get("colors", []))
@@ -236,8 +210,8 @@ def _parse_split(raw: Mapping[str, Any], root: Path, where: str) -> FolderSplit 
     if "slides" in raw:
         entries = tuple(
             SlideEntry(
-                slide=_resolve(root, entry["slide"], where=where),
-                annotations=_resolve(root, entry["annotations"], where=where),
+                slide=resolve_path(root, entry["slide"], where=where),
+                annotations=resolve_path(root, entry["annotations"], where=where),
                 mpp=entry.get("mpp"),
             )
             for entry in raw["slides"]
@@ -280,7 +254,7 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetManifest:
     sources = []
     for i, src in enumerate(raw["sources"]):
         where = f"manifest {str(path)!r} sources[{i}]"
-        root = _resolve(path.parent, src["root"], where=where)
+        root = resolve_path(path.parent, src["root"], where=where)
         if not root.is_dir():
             raise InputError(f"{where}: root folder {str(root)!r} does not exist; fix 'root' or the variables it uses.")
         layout = src["layout"]
