@@ -270,13 +270,7 @@ class TiffSlideBackend:
             self._slide = TiffSlide(path)
             try:
                 _check_has_pages(self.tiff, path.stat().st_size, messages)
-                with warnings.catch_warnings():
-                    # tiffslide says this for every NDPI file; it reads NDPI pixels, levels, MPP and
-                    # objective power correctly, which is all we use.
-                    warnings.filterwarnings(
-                        "ignore", message="hamamatsu-format metadata parsing only partially", category=UserWarning
-                    )
-                    raw = self._slide.properties
+                raw = _tiffslide_properties(self._slide)
                 series = self.tiff.series[int(raw["tiffslide.series-index"])]
                 damage, unreadable = _inspect_tiff(self.tiff, series, path.stat().st_size, messages)
                 keyframe = series.levels[0].keyframe
@@ -335,6 +329,28 @@ class TiffSlideBackend:
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _tiffslide_properties(slide: TiffSlide, attempts: int = 3) -> Mapping[str, Any]:
+    """tiffslide's properties, without the notice it gives for every NDPI file.
+
+    tiffslide reads NDPI pixels, levels, MPP and objective power correctly, which is all we use. The
+    warnings filters are process-wide and ``catch_warnings`` is not thread-safe: another thread's
+    ``catch_warnings`` (a library's, on a Dask worker) can drop ours or briefly turn warnings into
+    errors, so a notice that arrives as an exception is retried (the properties are parsed anew).
+    """
+    for _ in range(attempts - 1):
+        with contextlib.suppress(UserWarning):
+            return _properties_without_ndpi_notice(slide)
+    return _properties_without_ndpi_notice(slide)
+
+
+def _properties_without_ndpi_notice(slide: TiffSlide) -> Mapping[str, Any]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="hamamatsu-format metadata parsing only partially", category=UserWarning
+        )
+        return slide.properties
 
 
 def _settle_zarr_io(timeout: float = 10.0) -> None:
