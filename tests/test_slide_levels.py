@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from wsi_espnet.geometry import Region
 from wsi_espnet.slides import LevelChoice, SlideError, SlideReader, choose_level, open_slide, slide_level_dask
 
 NDPI_MPP = 0.2281750559028887  # level 0; each further level doubles it
@@ -175,3 +176,17 @@ def test_dask_level_validates_arguments(ndpi_tiffslide: SlideReader) -> None:
 
 def test_dask_array_is_a_dask_array(ndpi_tiffslide: SlideReader) -> None:
     assert isinstance(slide_level_dask(ndpi_tiffslide, 3), da.Array)
+
+
+@pytest.mark.parametrize("downsample", [1.0, 2.0, 3.99987, 4.000031, 7.9996])
+@pytest.mark.parametrize("scale", [1.0, 1.8, 0.5])
+def test_a_target_region_survives_the_trip_to_level0_and_back(downsample: float, scale: float) -> None:
+    """Whole target pixels scaled to level 0 and back are the same pixels, not one more from rounding noise."""
+    level_mpp = 0.1109 * downsample
+    choice = LevelChoice(
+        level=1, level_mpp=level_mpp, target_mpp=level_mpp * scale, scale=scale, resample=scale != 1.0,
+        target_shape=(100_000, 100_000), level_downsample=downsample,
+    )  # fmt: skip
+    for region in (Region(15360, 15360, 1536, 1536), Region(0, 0, 7, 9), Region(98_463, 3, 1537, 4000)):
+        assert choice.from_level0(choice.to_level0(region)) == region
+    assert choice.from_level0(Region(-50, -50, 10, 10)).shape == (0, 0)  # outside the slide: nothing

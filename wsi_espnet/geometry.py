@@ -43,11 +43,21 @@ class Region:
         return Region(self.top * factor, self.left * factor, self.height * factor, self.width * factor)
 
     def covering_pixels(self) -> Region:
-        """The smallest region of whole pixels that contains this one."""
-        top, left = math.floor(self.top), math.floor(self.left)
-        return Region(top, left, math.ceil(self.bottom) - top, math.ceil(self.right) - left)
+        """The smallest region of whole pixels that contains this one.
+
+        Edges within 1e-6 pixel of a whole pixel count as on it, so a region scaled to another grid
+        and back does not grow by a pixel from floating-point noise.
+        """
+        top, left = math.floor(_snapped(self.top)), math.floor(_snapped(self.left))
+        bottom, right = math.ceil(_snapped(self.bottom)), math.ceil(_snapped(self.right))
+        return Region(top, left, bottom - top, right - left)
 
     def intersects(self, other: Region) -> bool:
         return (
             self.top < other.bottom and other.top < self.bottom and self.left < other.right and other.left < self.right
         )
+
+
+def _snapped(value: float, tolerance: float = 1e-6) -> float:
+    nearest = round(value)
+    return float(nearest) if abs(value - nearest) <= tolerance else value

@@ -236,9 +236,12 @@ def segment_slide(
             return SegmentationResult(outputs, previous, skipped=True)
         resumed = state is not None
         was_complete = state is not None and state.get("status") == "complete"
+        previous_record = (
+            json.loads(paths.provenance.read_text()) if was_complete and paths.provenance.is_file() else None
+        )
         checksum: dict[str, str] = {}
         checksum_thread = threading.Thread(
-            target=lambda: checksum.update(sha256=input_sha256(slide_path)), name="slide-checksum", daemon=True
+            target=_checksum_into, args=(slide_path, checksum, log), name="slide-checksum", daemon=True
         )
         checksum_thread.start()
         t0 = time.perf_counter()
@@ -255,6 +258,9 @@ def segment_slide(
                     run_key=run_key, attrs={"slide": str(slide_path), "model": config.name, "version": __version__},
                 )  # fmt: skip
             else:
+                # No provenance may stand beside a store that is being written: an earlier complete run's
+                # record is kept in memory and written again, with the longer list of outputs, at the end.
+                paths.provenance.unlink(missing_ok=True)
                 store.mark_running()
             write_tissue_outputs(store, plan.tissue, paths.tissue_png)
         except OSError as exc:
@@ -309,13 +315,9 @@ def segment_slide(
                 "precision": list(stats.precisions) or [options.precision],
             },
         )  # fmt: skip
-        if was_complete and paths.provenance.is_file():
+        if previous_record is not None:
             # The original record describes how the mask was made; only the list of outputs grows.
-            record = {
-                **json.loads(paths.provenance.read_text()),
-                "outputs": record["outputs"],
-                "updated": record["created"],
-            }
+            record = {**previous_record, "outputs": record["outputs"], "updated": record["created"]}
         try:
             # The store is marked complete before the provenance appears: a provenance file is only ever
             # next to a complete store (a kill in between leaves it missing, and a rerun writes it).
@@ -366,7 +368,7 @@ def _client(client: Client | None, options: SegmentOptions) -> Iterator[Client]:
     if options.scheduler:
         try:
             connected = Client(options.scheduler, timeout="20s")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # unreachable, or not an address (e.g. an unknown scheme)
             raise InputError(
                 f"cannot reach the Dask scheduler at {options.scheduler!r} ({exc}); check the address, or leave out "
                 "[[scheduler]] to run locally."
@@ -376,6 +378,16 @@ def _client(client: Client | None, options: SegmentOptions) -> Iterator[Client]:
         return
     with local_client(options.workers) as own:
         yield own
+
+
+def _checksum_into(slide: Path, checksum: dict[str, str], log: logging.Logger) -> None:
+    """The slide's SHA-256 into ``checksum`` (run beside the tiles); a file that cannot be read leaves it unset."""
+    try:
+        checksum["sha256"] = input_sha256(slide)
+    except OSError as exc:
+        log.warning(
+            "%s: could not checksum the input for the provenance (%s); its sha256 is left empty.", slide.name, exc
+        )
 
 
 def _scheduler_name(client: Client | None, options: SegmentOptions) -> str:

@@ -7,6 +7,7 @@ for those pixels, bit for bit; only the tiles that meet the region are run.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ def segment_region(
     region: Region,
     *,
     target_mpp: float | None = None,
+    tolerance: float = 0.1,
     halo: int | None = None,
     tissue: TissueOptions | TissueMask | None = None,
     tile_size: int = 1536,
@@ -71,7 +73,7 @@ def segment_region(
     ``halo`` defaults to the one ``segment_slide`` measures for the model (cached by its weights);
     ``tissue`` to detecting it. A ``plan`` from an earlier call on the same slide and settings skips the
     planning. Equal to ``segment_slide``'s labels for the same pixels when ``tile_size``, ``halo``,
-    ``target_mpp`` and the tissue options are the same.
+    ``target_mpp``, ``tolerance``, ``batch_size``, precision and the tissue options are the same.
 
     Raises
     ------
@@ -80,9 +82,13 @@ def segment_region(
     """
     halo_source = "given"
     if halo is None:
-        halo, halo_source = cached_halo_for(model, model_sha256(model, config)), HALO_SOURCE
+        # Measured as segment_slide measures it: on a CPU fp32 copy (a GPU's TF32 could round it otherwise).
+        cpu_model = copy.deepcopy(model).cpu()
+        halo, halo_source = cached_halo_for(cpu_model, model_sha256(cpu_model, config)), HALO_SOURCE
     if plan is None:
-        plan = plan_slide(reader, config, halo=halo, target_mpp=target_mpp, tile_size=tile_size, tissue=tissue)
+        plan = plan_slide(
+            reader, config, halo=halo, target_mpp=target_mpp, tolerance=tolerance, tile_size=tile_size, tissue=tissue
+        )
     target = plan.choice.from_level0(region)
     if target.height <= 0 or target.width <= 0:
         level0_height, level0_width = reader.level_shapes[0]
@@ -90,15 +96,16 @@ def segment_region(
             f"region {region} holds no pixel of {reader.path.name}, whose level 0 is {level0_height} x "
             f"{level0_width} (rows x columns); give a region in level-0 pixels inside the slide."
         )
-    tiles = tiles_touching(plan, target)
-    with_tissue = {(t.row, t.col) for t in plan.tissue_tiles}
-    todo = [t for t in tiles if (t.row, t.col) in with_tissue]
+    wanted = {(t.row, t.col) for t in tiles_touching(plan, target)}
+    # The slide run's own batches (not a regrouping of the subset), so every window is computed alike.
+    groups = [g for g in tile_groups(plan.tissue_tiles, batch_size) if any((t.row, t.col) in wanted for t in g)]
+    total = sum(len(g) for g in groups)
     top, left = int(target.top), int(target.left)
     labels = np.zeros(target.shape, dtype=np.uint8)
     device = str(next(model.parameters()).device)
     settings = InferenceSettings(None, "in-memory", device, precision, channels_last=True)
     done = 0
-    for group in tile_groups(todo, batch_size):
+    for group in groups:
         check_cancelled(cancel, reader.path.name)
         values, _ = label_tiles(reader, plan.choice, group, plan.tissue_masks(group), model, config, settings)
         for tile, tile_labels in zip(group, values, strict=True):
@@ -111,7 +118,7 @@ def segment_region(
             ]
         done += len(group)
         if on_progress is not None:
-            on_progress(ProgressEvent(reader.path.name, "tiles", done, len(todo)))
+            on_progress(ProgressEvent(reader.path.name, "tiles", done, total))
     return RegionLabels(
         labels, target, plan.choice.output_mpp, plan.choice.target_to_level0, plan.tiles.halo, halo_source
     )

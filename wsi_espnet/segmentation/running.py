@@ -95,6 +95,7 @@ def run_tiles(
     report()
     results: list[TileGroupResult] = []
     if groups:
+        check_cancelled(cancel, plan.slide_name)
         _wait_for_workers(client)
         shipped = client.scatter(weights, broadcast=True, hash=False) if weights is not None else None
 
@@ -107,32 +108,31 @@ def run_tiles(
         pending = iter(groups)
         in_flight = max(2, 2 * sum(client.nthreads().values()))
         futures = as_completed([submit(g) for g in _take(pending, in_flight)])
-        for future in futures:
-            try:
-                result: TileGroupResult = future.result()
-            except KilledWorker as exc:
-                _drain(futures)
-                raise InputError(
-                    "a Dask worker died while segmenting (most often it ran out of memory); lower [[tile_size]] or "
-                    "[[batch_size]], or give workers more memory, then rerun the same command to resume."
-                ) from exc
-            except torch.OutOfMemoryError as exc:
-                _drain(futures)
-                raise InputError(
-                    "the GPU ran out of memory; lower [[batch_size]] or [[tile_size]], then rerun the command to "
-                    "resume."
-                ) from exc
-            except BaseException:
-                _drain(futures)
-                raise
-            results.append(result)
-            finished += len(result.tiles)
-            report()
-            if cancel is not None and cancel.is_set():
-                _drain(futures)
+        try:
+            for future in futures:
+                try:
+                    result: TileGroupResult = future.result()
+                except KilledWorker as exc:
+                    raise InputError(
+                        "a Dask worker died while segmenting (most often it ran out of memory); lower [[tile_size]] "
+                        "or [[batch_size]], or give workers more memory, then rerun the same command to resume."
+                    ) from exc
+                except torch.OutOfMemoryError as exc:
+                    raise InputError(
+                        "the GPU ran out of memory; lower [[batch_size]] or [[tile_size]], then rerun the command to "
+                        "resume."
+                    ) from exc
+                results.append(result)
+                finished += len(result.tiles)
+                report()
                 check_cancelled(cancel, plan.slide_name)
-            for group in _take(pending, 1):
-                futures.add(submit(group))
+                for group in _take(pending, 1):
+                    futures.add(submit(group))
+        except BaseException:
+            # A failed task, a cancel, Ctrl-C (raised while waiting) or a failing callback: the tasks in flight
+            # finish first, so none of them writes into the store after this run has let go of it.
+            _drain(futures)
+            raise
     return RunStats(
         tiles_total=total,
         tiles_resumed=tiles_resumed,
