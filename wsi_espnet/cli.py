@@ -174,6 +174,8 @@ def _failure_log(slide: Path, out_dir: Path | None) -> Iterator[None]:
     Workers' tracebacks (Dask's "Compute Failed" records) and the exception's own chain go there
     rather than onto the terminal, where one sentence says what went wrong and what to do.
     """
+    from wsi_espnet.outputs.paths import OutputPaths
+
     handler = _RunLog()
     loggers = [logging.getLogger(name) for name in ("wsi_espnet", "distributed")]
     for logger in loggers:
@@ -182,7 +184,7 @@ def _failure_log(slide: Path, out_dir: Path | None) -> Iterator[None]:
         yield
     except Exception as exc:
         folder = (out_dir or slide.absolute().parent).absolute()
-        path = folder / f"{slide.name if slide.is_dir() else slide.stem}.segment.log"
+        path = OutputPaths.for_slide(slide, folder).log
         if folder.is_dir():
             with contextlib.suppress(OSError):
                 text = "\n".join([*handler.lines, "", *traceback.format_exception(exc)])
