@@ -218,14 +218,12 @@ def test_the_cli_refuses_a_bad_pipeline_with_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_job_queue_clusters_are_validated_but_not_started_yet(tmp_path, espnet_checkpoint):
+def test_job_queue_settings_are_read_with_paths_relative_to_the_pipeline(tmp_path, espnet_checkpoint):
+    cluster = {"slurm": {"cores": 4, "memory": "16 GiB", "walltime": "01:00:00", "log_directory": "logs"}}
     (tmp_path / "slides").mkdir()
     (tmp_path / "slides" / "a.svs").write_bytes(b"")
-    cluster = {"slurm": {"cores": 4, "memory": "16 GiB", "walltime": "01:00:00"}}
     pipeline = load_pipeline(_pipeline(tmp_path, cluster=cluster, model=str(espnet_checkpoint)))
-    assert pipeline.cluster == ClusterSpec("slurm", cluster["slurm"])
-    with pytest.raises(InputError, match=r"'slurm' is accepted in pipelines but not started by this version"):
-        run_pipeline(pipeline)
+    assert pipeline.cluster == ClusterSpec("slurm", {**cluster["slurm"], "log_directory": str(tmp_path / "logs")})
 
 
 def test_the_shipped_examples_are_valid(shared_data):

@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,7 @@ def segment_slide(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     logger: logging.Logger | None = None,
+    resources: Mapping[str, float] | None = None,
 ) -> SegmentationResult:
     """Segment ``slide`` with ``model`` (a checkpoint path, a packaged model's name, a loaded
     ``(model, config)``, or None for the packaged default); see the module docstring.
@@ -191,6 +192,8 @@ def segment_slide(
     to, or an in-process cluster started, and closed at the end. ``on_progress`` receives
     :class:`~wsi_espnet.segmentation.ProgressEvent` s; setting ``cancel`` stops the run after the tiles
     in flight (the store stays resumable) and raises :class:`~wsi_espnet.errors.Cancelled`.
+    ``resources`` are Dask worker resources each tile task needs, e.g. ``{"GPU": 1}`` on a cluster
+    whose GPU workers were started with ``--resources GPU=1`` (one task per GPU at a time).
 
     Raises :class:`~wsi_espnet.errors.WsiEspnetError` subclasses for every user mistake; outputs of
     a failed run are left marked incomplete (and resumable), never looking finished.
@@ -278,7 +281,7 @@ def segment_slide(
             with _client(client, options) as run_client:
                 stats = run_tiles(
                     plan, settings, store, client=run_client, batch_size=options.batch_size,
-                    weights=resolved.weights, on_progress=on_progress, cancel=cancel,
+                    weights=resolved.weights, on_progress=on_progress, cancel=cancel, resources=resources,
                 )  # fmt: skip
                 timings["inference"] = time.perf_counter() - t0
                 check_cancelled(cancel, name)

@@ -1,57 +1,237 @@
-"""The one Dask client a batch job runs on: a LocalCluster with worker processes, or an existing scheduler."""
+"""The one Dask client a batch job runs on, from the pipeline's ``cluster`` section.
+
+``local``: a LocalCluster of worker processes on this machine (one per GPU with ``gpus``).
+``scheduler``: an existing dask.distributed cluster, by address or scheduler file.
+``slurm`` / ``pbs``: a dask-jobqueue cluster whose workers are batch jobs; the scheduler runs here
+(the login node) and ``jobs`` jobs are kept running, a job that ends early being resubmitted.
+Scale-out is always an existing engine's: this module only translates the pipeline's settings.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 
-__all__ = ["open_client"]
+__all__ = ["DEFAULT_START_TIMEOUT_S", "GPU_RESOURCE", "job_script", "open_client", "task_resources"]
+
+#: The Dask resource a GPU worker offers and each tile task on it takes (one task per GPU at a time).
+GPU_RESOURCE = "GPU"
+#: How long a job-queue cluster may take to start its first worker (queues can be slow).
+DEFAULT_START_TIMEOUT_S = 600
+
+_QUIET = logging.CRITICAL  # worker errors reach the slide's result; the log file keeps the rest
+
+
+def task_resources(spec: ClusterSpec) -> dict[str, float] | None:
+    """The Dask resources each tile task asks for on ``spec``'s cluster (None: any worker)."""
+    settings = spec.settings
+    if spec.kind == "scheduler":
+        return dict(settings["task_resources"]) if settings.get("task_resources") else None
+    if spec.kind in ("local", "slurm", "pbs") and settings.get("gpus", 0) > 0:
+        return {GPU_RESOURCE: 1}
+    return None
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec) -> Iterator[Client]:
+def open_client(spec: ClusterSpec, *, job_log_directory: Path | None = None) -> Iterator[Client]:
     """A client for ``spec``, closed (with any cluster started here) on exit.
 
-    ``local`` starts worker processes (default: one per 2 cores, at least 1, each with one thread),
-    so a worker that dies (out of memory, killed) is restarted by its nanny and its tasks retried.
+    ``job_log_directory`` is where job-queue workers write their logs unless the spec says otherwise.
+    Raises :class:`InputError` when the cluster cannot be started or reached, saying what to check.
     """
-    settings = spec.settings
     if spec.kind == "local":
-        workers = settings.get("workers") or max(1, (os.cpu_count() or 2) // 2)
-        with (
-            LocalCluster(
-                n_workers=workers, threads_per_worker=settings.get("threads_per_worker", 1), processes=True,
-                memory_limit=settings.get("memory_limit", "auto"), dashboard_address=":0",
-                silence_logs=logging.CRITICAL,  # worker errors reach the slide's result; the log file keeps the rest
-            ) as cluster,
-            Client(cluster) as client,
-        ):  # fmt: skip
+        with _local_cluster(spec.settings) as cluster, Client(cluster) as client:
             yield client
-        return
-    if spec.kind == "scheduler":
-        target = settings.get("address")
-        try:
-            connected = (
-                Client(target, timeout="20s") if target else Client(scheduler_file=settings["file"], timeout="20s")
-            )
-        except (OSError, ValueError) as exc:
-            what = target or f"the scheduler file {settings.get('file')}"
-            raise InputError(
-                f"cannot reach the Dask scheduler at {what!r} ({exc}); check that it is running, or use a local "
-                "cluster."
-            ) from exc
-        with connected:
-            yield connected
-        return
-    raise InputError(
-        f"cluster kind {spec.kind!r} is accepted in pipelines but not started by this version yet; start the "
-        f"cluster yourself (e.g. dask_jobqueue.{spec.kind.upper()}Cluster(...).scale(jobs=N)), then give its "
-        "scheduler as cluster: {scheduler: {address: ...}} or --scheduler."
-    )
+    elif spec.kind == "scheduler":
+        with _connect(spec.settings) as client:
+            yield client
+    elif spec.kind in ("slurm", "pbs"):
+        with (
+            _job_queue_cluster(spec.kind, spec.settings, job_log_directory) as (cluster, timeout),
+            Client(cluster) as client,
+        ):
+            _wait_for_first_worker(client, spec.kind, timeout, cluster)
+            yield client
+    else:
+        raise InputError(f"cluster kind {spec.kind!r} is not known; use local, scheduler, slurm or pbs.")
+
+
+def _local_cluster(settings: Mapping[str, Any]) -> SpecCluster:
+    """Worker processes (restarted by their nanny when they die), each with one thread by default."""
+    threads = settings.get("threads_per_worker", 1)
+    memory = settings.get("memory_limit", "auto")
+    gpus = settings.get("gpus", 0)
+    if not gpus:
+        workers = settings.get("workers") or max(1, (os.cpu_count() or 2) // 2)
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=threads, processes=True, memory_limit=memory,
+            dashboard_address=":0", silence_logs=_QUIET,
+        )  # fmt: skip
+    visible = _cuda_device_count()
+    if gpus > visible:
+        raise InputError(
+            f"the pipeline asks for [[gpus={gpus}]] but this machine has {visible} CUDA device(s) visible to "
+            "PyTorch; lower gpus (0 runs on the CPU), or run on a GPU node."
+        )
+    # One worker process per GPU, each seeing only its own (so "cuda" means that GPU and one model
+    # is loaded per GPU), each offering one GPU resource so at most one tile task runs on it at a time.
+    workers = {
+        f"gpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads, "memory_limit": memory, "resources": {GPU_RESOURCE: 1},
+                "env": {"CUDA_VISIBLE_DEVICES": str(i)}, "silence_logs": _QUIET,
+            },
+        }
+        for i in range(gpus)
+    }  # fmt: skip
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=_QUIET, name="wsi-espnet-gpus")
+
+
+def _cuda_device_count() -> int:
+    import torch  # only a GPU pipeline pays for it here
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextlib.contextmanager
+def _connect(settings: Mapping[str, Any]) -> Iterator[Client]:
+    target = settings.get("address")
+    try:
+        client = Client(target, timeout="20s") if target else Client(scheduler_file=settings["file"], timeout="20s")
+    except (OSError, ValueError) as exc:
+        what = target or f"the scheduler file {settings.get('file')}"
+        raise InputError(
+            f"cannot reach the Dask scheduler at {what!r} ({exc}); check that it is running, or use a local cluster."
+        ) from exc
+    with client:
+        yield client
+
+
+def job_script(spec: ClusterSpec, *, job_log_directory: Path | None = None) -> str:
+    """The batch script each worker job of a ``slurm`` / ``pbs`` spec is submitted with (nothing is submitted)."""
+    if spec.kind not in ("slurm", "pbs"):
+        raise InputError(f"only slurm and pbs clusters have worker job scripts; this cluster is {spec.kind}.")
+    cls = _job_queue_class(spec.kind)
+    with cls(**_job_queue_kwargs(spec.kind, spec.settings, job_log_directory)) as cluster:
+        return str(cluster.job_script())
+
+
+def _job_queue_class(kind: str) -> Any:
+    try:
+        from dask_jobqueue.pbs import PBSCluster
+        from dask_jobqueue.slurm import SLURMCluster
+    except ImportError as exc:
+        raise InputError(
+            f"a {kind} cluster needs dask-jobqueue, which is not installed; pip install 'wsi-espnet[cluster]'."
+        ) from exc
+    return SLURMCluster if kind == "slurm" else PBSCluster
+
+
+@contextlib.contextmanager
+def _job_queue_cluster(
+    kind: str, settings: Mapping[str, Any], job_log_directory: Path | None
+) -> Iterator[tuple[Any, float]]:
+    """A dask-jobqueue SLURMCluster / PBSCluster kept at ``jobs`` jobs, and its start timeout."""
+    cls = _job_queue_class(kind)
+    kwargs = _job_queue_kwargs(kind, settings, job_log_directory)
+    submit = "sbatch" if kind == "slurm" else "qsub"
+    if shutil.which(submit) is None:
+        raise InputError(
+            f"a {kind} cluster submits worker jobs with {submit}, which is not on PATH here; run `wsi-espnet batch` "
+            f"on a {kind.upper()} login node (or load the module that provides {submit})."
+        )
+    try:
+        cluster = cls(**kwargs)
+    except (ValueError, OSError) as exc:  # e.g. an interface this machine does not have
+        raise InputError(f"cannot start the {kind} cluster: {exc}; check cluster.{kind} in the pipeline.") from exc
+    with cluster:
+        if kind == "slurm":
+            _check_slurm_job(cluster.job_script())
+        jobs = settings.get("jobs", 1)
+        # adapt, not scale: a job that ends early (walltime, preemption, a node lost) is resubmitted.
+        cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
+        yield cluster, float(settings.get("start_timeout", DEFAULT_START_TIMEOUT_S))
+
+
+def _job_queue_kwargs(kind: str, settings: Mapping[str, Any], job_log_directory: Path | None) -> dict[str, Any]:
+    processes = settings.get("processes", 1)
+    gpus = settings.get("gpus", 0)
+    if gpus and processes != 1:
+        raise InputError(
+            f"cluster.{kind}: [[gpus=1]] runs one worker process on the job's GPU, but [[processes={processes}]] "
+            "asks for more; remove processes (or set it to 1) and ask for more jobs instead."
+        )
+    directives = list(settings.get("job_extra_directives", []))
+    kwargs: dict[str, Any] = {
+        "cores": settings["cores"],
+        "processes": processes,
+        "memory": settings["memory"],
+        "walltime": settings.get("walltime"),
+        "queue": settings.get("queue"),
+        "account": settings.get("account"),
+        "interface": settings.get("interface"),
+        "local_directory": settings.get("local_directory"),
+        "python": settings.get("python"),
+        "job_script_prologue": list(settings.get("job_script_prologue", [])),
+        "log_directory": settings.get("log_directory") or (str(job_log_directory) if job_log_directory else None),
+        "worker_extra_args": [],
+        "job_name": "wsi-espnet",
+        "scheduler_options": {"dashboard_address": ":0"},
+        "silence_logs": "critical",
+    }
+    if gpus:
+        # SLURM sets CUDA_VISIBLE_DEVICES to the job's GPU; the worker offers it as one GPU resource.
+        kwargs["worker_extra_args"] = ["--resources", f"{GPU_RESOURCE}=1"]
+        if kind == "slurm":
+            directives.append("--gres=gpu:1")
+        else:  # PBS Pro's chunk syntax; Torque sites put their own line in job_extra_directives
+            memory = str(settings["memory"]).replace(" ", "").lower().replace("ib", "b")
+            kwargs["resource_spec"] = f"select=1:ncpus={settings['cores']}:ngpus=1:mem={memory}"
+    kwargs["job_extra_directives"] = directives
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _check_slurm_job(script: str) -> None:
+    """``sbatch --test-only`` on the worker job: a wrong partition, account or size fails here, at once."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="wsi-espnet-job-", delete=False) as handle:
+        handle.write(script)
+    try:
+        done = subprocess.run(
+            ["sbatch", "--test-only", handle.name], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise InputError("sbatch --test-only did not answer within 60 s; check that slurmctld is up (sinfo).") from exc
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        said = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
+        raise InputError(
+            f"SLURM refuses the worker job the pipeline describes: {said}. Check cluster.slurm (queue, account, "
+            "cores, memory, walltime, job_extra_directives) against `sinfo` and your site's limits."
+        )
+
+
+def _wait_for_first_worker(client: Client, kind: str, timeout: float, cluster: Any) -> None:
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError as exc:
+        logs = getattr(cluster, "_job_kwargs", {}).get("log_directory")
+        where = f"; the jobs' logs are in {logs}" if logs else ""
+        raise InputError(
+            f"no {kind} worker job started within {timeout:g} s (waiting in the queue, or failing at start{where}); "
+            f"check `{'squeue --me' if kind == 'slurm' else 'qstat -u $USER'}`, or raise cluster.{kind}.start_timeout."
+        ) from exc

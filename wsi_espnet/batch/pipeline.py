@@ -43,8 +43,9 @@ DEFAULT_CONCURRENT_SLIDES = 2
 @dataclass(frozen=True)
 class ClusterSpec:
     """Where the tasks run. ``kind`` local: a LocalCluster with worker processes (``settings``: workers,
-    threads_per_worker, memory_limit); scheduler: an existing one (``settings``: address or file);
-    slurm / pbs: a dask-jobqueue cluster (``settings``: its keys; not started by this version)."""
+    threads_per_worker, memory_limit, gpus); scheduler: an existing one (``settings``: address or file,
+    task_resources); slurm / pbs: a dask-jobqueue cluster (``settings``: cores, memory, jobs, gpus, ...;
+    see ``pipeline.schema.json``)."""
 
     kind: ClusterKind = "local"
     settings: dict[str, Any] = field(default_factory=dict)
@@ -142,8 +143,10 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     except InputError as exc:
         raise InputError(f"{where} segmentation: {exc}") from exc
     (kind, settings), *_ = raw.get("cluster", {"local": {}}).items()
-    if kind == "scheduler" and "file" in settings:
-        settings = {"file": str(resolve_path(base, settings["file"], where=f"{where} cluster.scheduler.file"))}
+    settings = dict(settings)
+    for key in ("file", "log_directory"):  # paths relative to the pipeline file (read on this machine)
+        if key in settings:
+            settings[key] = str(resolve_path(base, settings[key], where=f"{where} cluster.{kind}.{key}"))
     return Pipeline(
         name=raw.get("name", path.stem),
         cohort=cohort,

@@ -25,7 +25,7 @@ from pathlib import Path
 from distributed import Client, KilledWorker
 
 from wsi_espnet import __version__
-from wsi_espnet.batch.clusters import open_client
+from wsi_espnet.batch.clusters import open_client, task_resources
 from wsi_espnet.batch.cohort import CohortSlide
 from wsi_espnet.batch.pipeline import Pipeline
 from wsi_espnet.batch.report import BatchReport, SlideOutcome, SlideStatus
@@ -42,6 +42,9 @@ __all__ = ["SlideCallback", "StartCallback", "run_pipeline"]
 SlideCallback = Callable[[SlideOutcome], None]
 #: Called once the cluster is up, with the scheduler's address and the dashboard link (None without one).
 StartCallback = Callable[[str, str | None], None]
+
+#: Where job-queue workers (SLURM, PBS) write their logs, inside the output folder, unless the pipeline says.
+JOB_LOG_FOLDER = ".batch-jobs"
 
 _logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def _client(client: Client | None, pipeline: Pipeline) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    with open_client(pipeline.cluster) as own:
+    with open_client(pipeline.cluster, job_log_directory=pipeline.out_dir / JOB_LOG_FOLDER) as own:
         yield own
 
 
@@ -144,8 +147,9 @@ def _run_slide(
             attempts += 1
             try:
                 result = segment_slide(
-                    slide.path, model, options, client=client, on_progress=on_progress, cancel=cancel
-                )
+                    slide.path, model, options, client=client, on_progress=on_progress, cancel=cancel,
+                    resources=task_resources(pipeline.cluster),
+                )  # fmt: skip
                 break
             except InputError as exc:
                 # The scheduler already reran the lost worker's tasks; a slide that still lost one resumes once.

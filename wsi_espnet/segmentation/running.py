@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,12 +70,15 @@ def run_tiles(
     weights: bytes | None = None,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    resources: Mapping[str, float] | None = None,
 ) -> RunStats:
     """Segment the plan's tissue tiles that ``store`` has not flagged done, on ``client``'s cluster.
 
     ``weights`` are the model's bytes when ``settings`` names no file; they are shipped to each worker
     once. ``on_progress`` receives a ``"tiles"`` event per finished task; setting ``cancel`` stops the
-    run after the tasks in flight and raises :class:`~wsi_espnet.errors.Cancelled`.
+    run after the tasks in flight and raises :class:`~wsi_espnet.errors.Cancelled`. ``resources``
+    are Dask worker resources every task needs (``{"GPU": 1}``: tasks run only on workers started
+    with ``--resources GPU=1``, one at a time per GPU).
 
     Raises
     ------
@@ -96,13 +100,13 @@ def run_tiles(
     results: list[TileGroupResult] = []
     if groups:
         check_cancelled(cancel, plan.slide_name)
-        _wait_for_workers(client)
+        _wait_for_workers(client, resources)
         shipped = client.scatter(weights, broadcast=True, hash=False) if weights is not None else None
 
         def submit(group: list[Tile]) -> Future[TileGroupResult]:
             return client.submit(
                 segment_tile_group, plan.reader, plan.choice, group, plan.tissue_masks(group), settings,
-                str(store.path), shipped, pure=False,
+                str(store.path), shipped, pure=False, resources=dict(resources) if resources else None,
             )  # fmt: skip
 
         pending = iter(groups)
@@ -144,16 +148,32 @@ def run_tiles(
     )
 
 
-def _wait_for_workers(client: Client) -> None:
-    if client.nthreads():
-        return
-    try:
-        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-    except TimeoutError as exc:
+def _wait_for_workers(client: Client, resources: Mapping[str, float] | None = None) -> None:
+    """Wait for a worker (one offering ``resources``, when given) to join, or explain why none will."""
+    deadline = time.monotonic() + WORKER_WAIT_S
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        if any(_offers(w.get("resources") or {}, resources) for w in workers):
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if resources and workers:
+        offered = sorted({f"{k}={v:g}" for w in workers for k, v in (w.get("resources") or {}).items()})
+        wanted = ", ".join(f"{k}={v:g}" for k, v in resources.items())
         raise InputError(
-            f"no Dask worker joined the scheduler within {WORKER_WAIT_S} s; start workers (or check the "
-            "cluster), then rerun the same command to resume."
-        ) from exc
+            f"no Dask worker offers the resources the tasks need ({wanted}); the workers offer "
+            f"{', '.join(offered) or 'none'}. Start workers with `dask worker --resources {wanted.replace(', ', ',')}` "
+            "(one per GPU), or run without them, then rerun the same command to resume."
+        )
+    raise InputError(
+        f"no Dask worker joined the scheduler within {WORKER_WAIT_S} s; start workers (or check the "
+        "cluster), then rerun the same command to resume."
+    )
+
+
+def _offers(offered: Mapping[str, float], needed: Mapping[str, float] | None) -> bool:
+    return all(offered.get(k, 0) >= v for k, v in (needed or {}).items())
 
 
 def _drain(futures: Any) -> None:
