@@ -233,3 +233,17 @@ def test_the_shipped_examples_are_valid(shared_data):
     assert names == list(REAL)
     assert pipeline.cohort.slides[2].mpp == 0.5
     assert pipeline.cluster == ClusterSpec("local", {"workers": 2, "threads_per_worker": 1})
+
+
+def test_a_report_that_cannot_be_written_is_explained_and_the_masks_are_kept(shared_data, espnet_checkpoint, tmp_path,
+                                                                              references):  # fmt: skip
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    blocked = tmp_path / "out" / f"{slide.stem}.batch-report.csv"  # a folder where the report file goes
+    (blocked / "keep").mkdir(parents=True)
+    args = ["--target-mpp", 4, "--tile-size", 256, "--halo", 64, "--workers", 1, "--model", espnet_checkpoint]
+    result = run_cli("batch", "--input", slide, "--out", tmp_path / "out", *args)
+    assert result.returncode == 2, result.stderr
+    assert "cannot write the batch report in" in result.stderr
+    assert "The slides' own outputs are complete" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert labels_of(tmp_path / "out" / "CMU-1-Small-Region.mask.zarr") == references["CMU-1-Small-Region"]

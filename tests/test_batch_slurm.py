@@ -116,16 +116,31 @@ def test_a_pipeline_runs_on_slurm_with_a_job_cancelled_mid_run(partition, shared
         assert _labels(outcome.outputs["ome-zarr"]) == _labels(alone.outputs["ome-zarr"]), outcome.slide.stem
 
 
-def test_the_cli_runs_the_pipeline_then_a_rerun_recomputes_nothing(partition, shared_data, espnet_checkpoint, tmp_path):
-    pipeline = _slurm_pipeline(tmp_path, shared_data, espnet_checkpoint, partition, jobs=1)
-    first = subprocess.run([sys.executable, "-m", "wsi_espnet", "batch", pipeline], capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
-    assert first.returncode == 0, first.stderr
-    assert "2 segmented, 0 already complete, 0 failed" in first.stdout
-    again = subprocess.run([sys.executable, "-m", "wsi_espnet", "batch", pipeline], capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+def test_the_shipped_slurm_example_equals_the_local_example_then_a_rerun_recomputes_nothing(partition, tmp_path):
+    """pipelines/slurm-example.yaml and local-example.yaml, as a user runs them, on the example cohort."""
+    if partition != "debug":
+        pytest.skip(f"slurm-example.yaml names the partition 'debug'; this SLURM's default is {partition!r}")
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    env = {**os.environ, "WSI_ESPNET_BATCH_OUT": str(tmp_path)}
+
+    def batch(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wsi_espnet", "batch", root / name],
+                              capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+
+    for name in ("local-example.yaml", "slurm-example.yaml"):
+        done = batch(name)
+        assert done.returncode == 0, done.stderr
+        assert "4 segmented, 0 already complete, 0 failed" in done.stdout, done.stdout
+    stores = sorted((tmp_path / "local-example").glob("*/*.mask.zarr"))
+    assert len(stores) == 4
+    for store in stores:
+        on_slurm = tmp_path / "slurm-example" / store.relative_to(tmp_path / "local-example")
+        assert _labels(on_slurm) == _labels(store), store.name
+    assert list((tmp_path / "slurm-example" / ".batch-jobs").glob("wsi-espnet-*.err"))
+
+    again = batch("slurm-example.yaml")
     assert again.returncode == 0, again.stderr
-    assert "0 segmented, 2 already complete, 0 failed" in again.stdout
+    assert "0 segmented, 4 already complete, 0 failed" in again.stdout
 
 
 @pytest.mark.parametrize(("job", "message"), [

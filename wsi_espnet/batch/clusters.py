@@ -109,9 +109,9 @@ def _cuda_device_count() -> int:
 
 @contextlib.contextmanager
 def _connect(settings: Mapping[str, Any]) -> Iterator[Client]:
-    target = settings.get("address")
+    target, timeout = settings.get("address"), f"{settings.get('timeout', 20)}s"
     try:
-        client = Client(target, timeout="20s") if target else Client(scheduler_file=settings["file"], timeout="20s")
+        client = Client(target, timeout=timeout) if target else Client(scheduler_file=settings["file"], timeout=timeout)
     except (OSError, ValueError) as exc:
         what = target or f"the scheduler file {settings.get('file')}"
         raise InputError(

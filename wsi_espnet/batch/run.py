@@ -83,6 +83,7 @@ def run_pipeline(
         if on_start is not None:
             on_start(scheduler, dashboard)
         outcomes: dict[int, SlideOutcome] = {}
+        unwritten: OSError | None = None
         with ThreadPoolExecutor(pipeline.concurrent_slides, thread_name_prefix="slide-driver") as pool:
             futures: dict[Future[SlideOutcome], int] = {
                 pool.submit(_run_slide, pipeline, slide, model, run_client, on_progress, cancel): i
@@ -109,7 +110,17 @@ def run_pipeline(
                     seconds=time.perf_counter() - t0, scheduler=scheduler, dashboard=dashboard,
                     metadata_columns=pipeline.cohort.metadata_columns,
                 )  # fmt: skip
-                report.write(pipeline.out_dir)
+                try:
+                    report.write(pipeline.out_dir)
+                except OSError as exc:  # a full disk: say so, without hiding an error already on its way
+                    unwritten = exc
+                    _logger.error("cannot write the batch report in %s: %s.", pipeline.out_dir, exc.strerror or exc)
+    if unwritten is not None:
+        raise InputError(
+            f"cannot write the batch report in {str(pipeline.out_dir)!r}: {unwritten.strerror or unwritten}. The "
+            "slides' own outputs are complete; free space (or fix permissions) and rerun to write the report, "
+            "which recomputes nothing."
+        ) from unwritten
     return report
 
 

@@ -1,4 +1,5 @@
-"""GPU workers as Dask resources: tile tasks go only to workers offering GPU=1, one at a time each.
+"""Batch jobs on clusters started by someone else: a scheduler given by file or address, and GPU
+workers as Dask resources (tile tasks go only to workers offering GPU=1, one at a time each).
 
 No GPU is needed: a worker process started with ``resources={"GPU": 1}`` is what `dask worker
 --resources GPU=1` starts on a GPU node; which device it computes on is the engine's ``device``.
@@ -6,6 +7,11 @@ No GPU is needed: a worker process started with ``resources={"GPU": 1}`` is what
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,71 @@ FAST = {"target_mpp": 2.0, "tile_size": 128, "halo": 32}
 
 def _labels(path: Path) -> bytes:
     return bytes(LabelStore(path).labels()[...].tobytes())
+
+
+@pytest.fixture
+def scheduler_file(tmp_path: Path) -> Iterator[Path]:
+    """A dask.distributed cluster started the way a site starts one: `dask scheduler` and `dask worker`
+    processes of their own, found through a scheduler file."""
+    path = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli"]
+    logs = (tmp_path / "scheduler.log").open("w"), (tmp_path / "worker.log").open("w")
+    scheduler = subprocess.Popen([*dask[:2], "distributed.cli.dask_scheduler", "--scheduler-file", str(path),
+                                  "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+                                 stdout=logs[0], stderr=subprocess.STDOUT)  # fmt: skip
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (path.exists() and path.stat().st_size and "address" in path.read_text()):
+            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.2)
+        worker = subprocess.Popen([*dask[:2], "distributed.cli.dask_worker", "--scheduler-file", str(path),
+                                   "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"],
+                                  stdout=logs[1], stderr=subprocess.STDOUT)  # fmt: skip
+        yield path
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+def test_a_cohort_runs_on_a_scheduler_given_by_file_then_by_address(scheduler_file, shared_data,
+                                                                      espnet_checkpoint, tmp_path):  # fmt: skip
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(json.dumps({
+        "pipeline_version": 1, "name": "on-a-scheduler", "inputs": {"slides": str(slide)},
+        "model": str(espnet_checkpoint), "segmentation": FAST, "outputs": {"folder": "out"},
+        "cluster": {"scheduler": {"file": scheduler_file.name}},
+    }))  # fmt: skip
+    batch = [sys.executable, "-m", "wsi_espnet", "batch", str(pipeline)]
+    first = subprocess.run(batch, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    address = json.loads(scheduler_file.read_text())["address"]
+    assert f"1 slides on {address}" in first.stderr
+    assert "1 segmented" in first.stdout
+    alone = segment_slide(slide, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "alone", **FAST))
+    assert _labels(tmp_path / "out" / "CMU-1-Small-Region.mask.zarr") == _labels(alone.outputs["ome-zarr"])
+
+    again = subprocess.run([*batch, "--scheduler", address], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"1 slides on {address}" in again.stderr
+    assert "0 segmented, 1 already complete" in again.stdout
+    with Client(address, timeout="20s") as client:  # the command left the cluster running
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+
+
+@pytest.mark.parametrize("where", ["address", "file"])
+def test_an_unreachable_scheduler_is_explained(tmp_path, where):
+    gone = tmp_path / "gone.json"  # a scheduler file left behind by a scheduler that has stopped
+    gone.write_text(json.dumps({"address": "tcp://127.0.0.1:9", "type": "Scheduler"}))
+    settings = {"address": "tcp://127.0.0.1:9"} if where == "address" else {"file": str(gone)}
+    refused = r"cannot reach the Dask scheduler at '(tcp://127.0.0.1:9|the scheduler file .*gone.json)'"
+    with pytest.raises(InputError, match=refused), open_client(ClusterSpec("scheduler", {**settings, "timeout": 2})):
+        pass
 
 
 def test_tile_tasks_run_only_on_the_workers_that_offer_a_gpu(shared_data, espnet_checkpoint, tmp_path):
