@@ -270,7 +270,7 @@ def _noop(*args: Any) -> int:
 def task_arguments(plan: SlidePlan, settings: InferenceSettings, batch_size: int) -> list[tuple[Any, ...]]:
     """The argument tuples ``run_tiles`` submits for ``plan`` (store path and weights as a real run has them)."""
     return [
-        (plan.reader, plan.choice, group, plan.tissue_masks(group), settings, "/out/slide.mask.zarr", None)
+        (plan.reader, plan.choice, group, plan.tissue_windows(group), settings, "/out/slide.mask.zarr", None)
         for group in tile_groups(plan.tissue_tiles or plan.tiles.tiles, batch_size)
     ]
 
@@ -350,7 +350,7 @@ def simulate_cohort(
         if index % every == 0 and groups and len(sampled) < keep:
             for group in groups[: max(1, keep // slides)]:
                 t0 = time.perf_counter()
-                masks = plan.tissue_masks(group)
+                masks = plan.tissue_windows(group)
                 mask_seconds.append(time.perf_counter() - t0)
                 sampled.append((plan.reader, plan.choice, group, masks, settings, f"/out/{index}.mask.zarr", None))
         last = plan

@@ -50,6 +50,12 @@ class SlidePlan:
         scale = self.choice.target_to_level0
         return [self.tissue.window(self.choice.to_level0(t.region)).sample(t.region, scale) for t in tiles]
 
+    def tissue_windows(self, tiles: list[Tile]) -> list[TissueMask | None]:
+        """The part of the tissue mask under each tile (None when detection is off), for a worker to sample."""
+        if self.tissue.method == "disabled":
+            return [None] * len(tiles)
+        return [self.tissue.window(self.choice.to_level0(t.region)) for t in tiles]
+
 
 def plan_slide(
     reader: SlideReader,

@@ -105,7 +105,7 @@ def run_tiles(
 
         def submit(group: list[Tile]) -> Future[TileGroupResult]:
             return client.submit(
-                segment_tile_group, plan.reader, plan.choice, group, plan.tissue_masks(group), settings,
+                segment_tile_group, plan.reader, plan.choice, group, plan.tissue_windows(group), settings,
                 str(store.path), shipped, pure=False, resources=dict(resources) if resources else None,
             )  # fmt: skip
 

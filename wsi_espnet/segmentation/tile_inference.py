@@ -33,6 +33,7 @@ from wsi_espnet.segmentation.label_values import NO_TISSUE
 from wsi_espnet.segmentation.planning import window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
 from wsi_espnet.tiling import Tile
+from wsi_espnet.tissue_detection import TissueMask
 
 __all__ = [
     "InferenceSettings",
@@ -203,14 +204,24 @@ def segment_tile_group(
     reader: SlideReader,
     choice: LevelChoice,
     tiles: Sequence[Tile],
-    tissue: Sequence[NDArray[np.bool_] | None],
+    tissue: Sequence[TissueMask | None],
     settings: InferenceSettings,
     store_path: str,
     weights: bytes | None = None,
 ) -> TileGroupResult:
-    """The Dask task: :func:`label_tiles`, then write each tile into the store at ``store_path`` and flag it."""
+    """The Dask task: :func:`label_tiles`, then write each tile into the store at ``store_path`` and flag it.
+
+    ``tissue`` holds each tile's window of the slide's tissue mask (:meth:`SlidePlan.tissue_windows`),
+    sampled onto the tile here, on the worker: a window is a few KB where the tile's mask is MBs, so
+    tasks stay small on the scheduler and the driver does not compute every tile's mask.
+    """
     model, config = cached_model(settings, weights)
-    values, stats = label_tiles(reader, choice, tiles, tissue, model, config, settings)
+    scale = choice.target_to_level0
+    masks = [
+        None if window is None else window.sample(tile.region, scale)
+        for tile, window in zip(tiles, tissue, strict=True)
+    ]
+    values, stats = label_tiles(reader, choice, tiles, masks, model, config, settings)
     store = LabelStore(store_path)
     for tile, labels in zip(tiles, values, strict=True):
         store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
