@@ -18,8 +18,8 @@ import pytest
 from dask.utils import key_split
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
 
-from wsi_espnet.batch import pipeline_from_inputs, run_pipeline
-from wsi_espnet.batch.clusters import open_client, task_resources
+from wsi_espnet.batch import load_pipeline, pipeline_from_inputs, run_pipeline
+from wsi_espnet.batch.clusters import job_script, open_client, task_resources
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 from wsi_espnet.segment_slide import SegmentOptions, segment_slide
@@ -149,3 +149,17 @@ def test_gpu_settings_become_task_resources_and_are_checked_against_the_machine(
     refused = r"asks for gpus=1 but this machine has 0 CUDA device"
     with pytest.raises(InputError, match=refused), open_client(ClusterSpec("local", {"gpus": 1})):
         pass
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_pipeline_example_is_valid(shared_data, path):
+    pipeline = load_pipeline(path)
+    assert pipeline.name == path.stem
+    assert [s.path.name for s in pipeline.cohort.slides][:2] == ["CMU-1-Small-Region.svs", "CMU-1-Small-Region-dicom"]
+    if pipeline.cluster.kind in ("slurm", "pbs"):
+        script = job_script(pipeline.cluster)
+        assert "distributed.cli.dask_worker" in script
+        assert ("--resources GPU=1" in script) == bool(pipeline.cluster.settings.get("gpus"))
