@@ -28,7 +28,7 @@ from wsi_espnet.batch.report import FIXED_COLUMNS
 from wsi_espnet.errors import InputError
 from wsi_espnet.segment_slide import DEFAULT_FORMATS, SegmentOptions
 from wsi_espnet.tissue_detection import TissueOptions
-from wsi_espnet.yaml_documents import read_checked_yaml, resolve_path
+from wsi_espnet.yaml_documents import expand_env, read_checked_yaml, resolve_path
 
 __all__ = ["PIPELINE_SCHEMA", "ClusterSpec", "Layout", "Pipeline", "load_pipeline", "pipeline_from_inputs"]
 
@@ -134,8 +134,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     if "cohort" in inputs:
         cohort = load_cohort(resolve_path(base, inputs["cohort"], where=f"{where} inputs.cohort"))
     else:
-        text = inputs["slides"]
-        cohort = cohort_from_pattern(text if Path(text).is_absolute() else str(base / text))
+        text = expand_env(inputs["slides"], where=f"{where} inputs.slides")  # before the test: ${DATA}/slides
+        cohort = cohort_from_pattern(text if Path(text).expanduser().is_absolute() else str(base / text))
     outputs = raw["outputs"]
     try:
         options = _segment_options(raw.get("segmentation", {}), overwrite=outputs.get("overwrite", False))
