@@ -1,4 +1,5 @@
-"""The one Dask client a batch job runs on: a LocalCluster with worker processes, or an existing scheduler."""
+"""The one Dask client a batch job runs on: a LocalCluster with worker processes, an existing scheduler, or a
+DaskCluster on Kubernetes (:mod:`~wsi_espnet.batch.kubernetes`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
+from wsi_espnet.batch.kubernetes import open_kubernetes_client
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 
@@ -16,8 +18,9 @@ __all__ = ["open_client"]
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec) -> Iterator[Client]:
-    """A client for ``spec``, closed (with any cluster started here) on exit.
+def open_client(spec: ClusterSpec, *, name: str = "wsi-espnet") -> Iterator[Client]:
+    """A client for ``spec``, closed (with any cluster started here) on exit; ``name`` (the pipeline's) names
+    a Kubernetes cluster.
 
     ``local`` starts worker processes (default: one per 2 cores, at least 1, each with one thread),
     so a worker that dies (out of memory, killed) is restarted by its nanny and its tasks retried.
@@ -49,6 +52,10 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
             ) from exc
         with connected:
             yield connected
+        return
+    if spec.kind == "kubernetes":
+        with open_kubernetes_client(settings, name=name) as client:
+            yield client
         return
     raise InputError(
         f"cluster kind {spec.kind!r} is accepted in pipelines but not started by this version yet; start the "

@@ -10,6 +10,7 @@ the file) says everything a cohort run needs::
     segmentation: {target_mpp: 2.0, tile_size: 512, formats: [ome-zarr, ome-tiff, provenance]}
     outputs: {folder: ../cohort-masks, layout: per-slide}     # or flat (the default)
     cluster: {local: {workers: 2, threads_per_worker: 1}}    # or {scheduler: {address: tcp://host:8786}}
+                                                              # or {kubernetes: {image: ..., volumes: [...]}}
     concurrent_slides: 2
 
 :func:`pipeline_from_inputs` builds the same thing from command-line values.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wsi_espnet.batch.cohort import Cohort, CohortSlide, cohort_from_pattern, load_cohort
+from wsi_espnet.batch.kubernetes import check_shared_paths
 from wsi_espnet.batch.report import FIXED_COLUMNS
 from wsi_espnet.errors import InputError
 from wsi_espnet.segment_slide import DEFAULT_FORMATS, SegmentOptions
@@ -36,7 +38,7 @@ __all__ = ["PIPELINE_SCHEMA", "ClusterSpec", "Layout", "Pipeline", "load_pipelin
 PIPELINE_SCHEMA = Path(__file__).with_name("pipeline.schema.json")
 
 Layout = Literal["flat", "per-slide"]
-ClusterKind = Literal["local", "scheduler", "slurm", "pbs"]
+ClusterKind = Literal["local", "scheduler", "slurm", "pbs", "kubernetes"]
 DEFAULT_CONCURRENT_SLIDES = 2
 
 
@@ -44,7 +46,8 @@ DEFAULT_CONCURRENT_SLIDES = 2
 class ClusterSpec:
     """Where the tasks run. ``kind`` local: a LocalCluster with worker processes (``settings``: workers,
     threads_per_worker, memory_limit); scheduler: an existing one (``settings``: address or file);
-    slurm / pbs: a dask-jobqueue cluster (``settings``: its keys; not started by this version)."""
+    slurm / pbs: a dask-jobqueue cluster (``settings``: its keys; not started by this version); kubernetes:
+    a DaskCluster of the Dask operator (``settings``: see :mod:`~wsi_espnet.batch.kubernetes`)."""
 
     kind: ClusterKind = "local"
     settings: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +75,11 @@ class Pipeline:
         if self.concurrent_slides < 1:
             raise InputError(f"[[concurrent_slides]] {self.concurrent_slides} must be >= 1.")
         self._check_output_names()  # a mistake in the pipeline, found before any work
+        if self.cluster.kind == "kubernetes":
+            reads = [slide.path for slide in self.cohort.slides]
+            if self.model is not None and Path(self.model).is_absolute():
+                reads.append(Path(self.model))
+            check_shared_paths(self.cluster.settings, reads=reads, writes=self.out_dir)
         reserved = [c for c in self.cohort.metadata_columns if c in FIXED_COLUMNS or c.startswith("area_mm2:")]
         if reserved:
             raise InputError(
@@ -144,6 +152,11 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     (kind, settings), *_ = raw.get("cluster", {"local": {}}).items()
     if kind == "scheduler" and "file" in settings:
         settings = {"file": str(resolve_path(base, settings["file"], where=f"{where} cluster.scheduler.file"))}
+    if kind == "kubernetes":
+        settings = {**settings, "volumes": [
+            {**volume, "mount_path": expand_env(volume["mount_path"], where=f"{where} cluster.kubernetes.volumes[{i}]")}
+            for i, volume in enumerate(settings["volumes"])
+        ]}  # fmt: skip
     return Pipeline(
         name=raw.get("name", path.stem),
         cohort=cohort,

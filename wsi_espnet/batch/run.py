@@ -115,7 +115,7 @@ def _client(client: Client | None, pipeline: Pipeline) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    with open_client(pipeline.cluster) as own:
+    with open_client(pipeline.cluster, name=pipeline.name) as own:
         yield own
 
 
