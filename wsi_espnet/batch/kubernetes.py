@@ -200,8 +200,8 @@ def open_kubernetes_client(
 
     The Kubernetes API is asked first, for at most ``api_timeout`` seconds, whether it answers and knows
     the DaskCluster kind; then the scheduler and the first worker get ``startup_timeout`` seconds. A
-    DaskCluster of the same name that exists already (a run cut short) is connected to. Every failure
-    is an :class:`InputError` saying what to check.
+    DaskCluster of the same name that exists already (a run cut short) is connected to, and deleted on
+    exit too. Every failure is an :class:`InputError` saying what to check.
     """
     manifest = kubernetes_cluster_spec(settings, name=name)
     check_cluster_spec(manifest)
