@@ -139,6 +139,7 @@ def test_tasks_that_need_a_resource_no_worker_offers_are_explained(shared_data, 
 def test_gpu_settings_become_task_resources_and_are_checked_against_the_machine():
     assert task_resources(ClusterSpec("local", {"gpus": 2})) == {"GPU": 1}
     assert task_resources(ClusterSpec("local", {})) is None
+    assert task_resources(ClusterSpec("kubernetes", {"image": "i", "volumes": [], "gpus_per_worker": 1})) == {"GPU": 1}
     assert task_resources(ClusterSpec("scheduler", {"address": "tcp://h:1", "task_resources": {"GPU": 1}})) == {
         "GPU": 1
     }
@@ -155,10 +156,11 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.ya
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_shipped_pipeline_example_is_valid(shared_data, path):
+def test_every_shipped_pipeline_example_is_valid(shared_data, path, monkeypatch):
+    monkeypatch.setenv("WSI_ESPNET_DATA", str(shared_data))  # the Kubernetes example's shared volume
     pipeline = load_pipeline(path)
     assert pipeline.name == path.stem
-    assert [s.path.name for s in pipeline.cohort.slides][:2] == ["CMU-1-Small-Region.svs", "CMU-1-Small-Region-dicom"]
+    assert "CMU-1-Small-Region.svs" in [s.path.name for s in pipeline.cohort.slides]
     if pipeline.cluster.kind in ("slurm", "pbs"):
         script = job_script(pipeline.cluster)
         assert "distributed.cli.dask_worker" in script

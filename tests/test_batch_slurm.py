@@ -176,3 +176,17 @@ def test_gpu_job_scripts_ask_the_queue_for_one_gpu_and_tag_the_worker(tmp_path, 
     for line in lines:
         assert line in script, script
     assert str(tmp_path) in script  # the jobs' logs go to the batch's log folder
+
+
+def test_print_cluster_spec_shows_the_job_script_and_submits_nothing(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    env = {**os.environ, "WSI_ESPNET_BATCH_OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "wsi_espnet", "batch", root / "pbs-example.yaml",
+                           "--print-cluster-spec"], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#!/usr/bin/env bash")
+    assert "#PBS -l select=1:ncpus=8:ngpus=1:mem=32gb" in done.stdout
+    assert "source /apps/venvs/wsi-espnet/bin/activate" in done.stdout
+    out = Path("/scratch") / os.environ.get("USER", "me") / "cohort-2026-masks"  # the example's output folder
+    assert f"{out}/.batch-jobs" in done.stdout
+    assert not out.exists()  # nothing ran, nothing was written (not even the jobs' log folder)

@@ -8,7 +8,9 @@ fit; 130 interrupted (rerun the same command to resume); 1 an unexpected interna
 ``batch`` (a cohort on one Dask cluster) exits 0 when every slide was segmented or already complete;
 4 when one or more slides failed (the others are done; the report next to the outputs gives each
 slide's reason); 2 for a bad pipeline or cohort manifest (nothing is run); 3 for a bad checkpoint;
-130 when interrupted (finished tiles are kept; rerun to resume).
+130 when interrupted (finished tiles are kept; rerun to resume). ``batch --print-cluster-spec`` prints a
+Kubernetes pipeline's DaskCluster as YAML, or a SLURM/PBS pipeline's worker job script, and exits 0,
+running nothing (2 for a local or scheduler pipeline).
 """
 
 from __future__ import annotations
@@ -283,10 +285,14 @@ def _batch_pipeline(args: argparse.Namespace) -> Pipeline:
     if args.scheduler is not None:
         pipeline = pipeline.replace(cluster=ClusterSpec("scheduler", {"address": args.scheduler}))
     elif args.workers is not None or args.threads_per_worker is not None:
-        local = pipeline.cluster.settings if pipeline.cluster.kind == "local" else {}
+        on_kubernetes = pipeline.cluster.kind == "kubernetes"  # its pods take the same two keys
+        kept = pipeline.cluster.settings if pipeline.cluster.kind in ("local", "kubernetes") else {}
         given = {"workers": args.workers, "threads_per_worker": args.threads_per_worker}
         pipeline = pipeline.replace(
-            cluster=ClusterSpec("local", {**local, **{k: v for k, v in given.items() if v is not None}})
+            cluster=ClusterSpec(
+                "kubernetes" if on_kubernetes else "local",
+                {**kept, **{k: v for k, v in given.items() if v is not None}},
+            )
         )
     return pipeline
 
@@ -297,6 +303,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from wsi_espnet.batch import SlideOutcome, run_pipeline
 
     pipeline = _batch_pipeline(args)
+    if args.print_cluster_spec:
+        return _print_cluster_spec(pipeline)
     show = not args.quiet
     total = len(pipeline.cohort.slides)
     bar = tqdm(total=total, unit="slide", desc=pipeline.name, file=sys.stderr, dynamic_ncols=True, disable=not show)
@@ -327,6 +335,33 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         if report.counts["skipped"] == total:
             print("nothing to do: every slide was already complete (pass --overwrite to recompute).")
     return PARTIAL_FAILURE if report.failed else 0
+
+
+def _print_cluster_spec(pipeline: Pipeline) -> int:
+    """Print what the pipeline would start: a Kubernetes DaskCluster manifest (for ``kubectl apply -f -``)
+    or a SLURM/PBS worker job script; nothing is run or submitted."""
+    import yaml
+
+    from wsi_espnet.batch.clusters import job_script
+    from wsi_espnet.batch.kubernetes import check_cluster_spec, kubernetes_cluster_spec
+    from wsi_espnet.batch.run import JOB_LOG_FOLDER
+
+    kind = pipeline.cluster.kind
+    if kind in ("slurm", "pbs"):
+        print(job_script(pipeline.cluster, job_log_directory=pipeline.out_dir / JOB_LOG_FOLDER), end="")
+        return 0
+    if kind != "kubernetes":
+        where = f"pipeline {str(pipeline.source)!r}" if pipeline.source else "this batch job"
+        raise InputError(
+            f"--print-cluster-spec prints a Kubernetes DaskCluster or a SLURM/PBS job script, but {where} runs on "
+            f"a {kind!r} cluster, which has neither; give a pipeline with cluster: kubernetes, slurm or pbs "
+            "(e.g. pipelines/kubernetes-example.yaml)."
+        )
+    manifest = kubernetes_cluster_spec(pipeline.cluster.settings, name=pipeline.name)
+    check_cluster_spec(manifest)
+    print(f"# DaskCluster of pipeline {pipeline.name!r} (wsi-espnet {__version__}); apply with: kubectl apply -f -")
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -529,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", default=None, help="a .safetensors checkpoint or a packaged name (default: packaged)")
     batch.add_argument("--layout", choices=["flat", "per-slide"], default=None, help="flat (default) or per-slide")
     batch.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
-    batch.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster")
+    batch.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster (or pods)")
     batch.add_argument("--threads-per-worker", type=int, default=None, help="threads per local worker (default 1)")
     batch.add_argument("--concurrent-slides", type=int, default=None, help="slides driven at once (default 2)")
     batch.add_argument("--format", default=None, help="comma-separated outputs, or 'all' (default: the pipeline's)")
@@ -542,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-tissue-detection", action="store_true", help="segment whole slides, glass included")
     batch.add_argument("--overwrite", action="store_true", help="recompute slides that are already complete")
     batch.add_argument("--quiet", action="store_true", help="no progress bar, no per-slide lines, no summary")
+    batch.add_argument(
+        "--print-cluster-spec", action="store_true",
+        help="print the Kubernetes DaskCluster (YAML, for kubectl apply -f -) or the SLURM/PBS worker job script "
+        "the pipeline would start, and exit; runs nothing",
+    )  # fmt: skip
     batch.set_defaults(run=_cmd_batch)
 
     predict = commands.add_parser("predict", help="segment ordinary image files into label and overlay PNGs")

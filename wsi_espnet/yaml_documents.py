@@ -95,6 +95,13 @@ def _message(
         if unknown:
             keys.append(unknown[0])
             message = f"unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}"
+    elif (
+        error.validator == "oneOf"
+        and isinstance(error.validator_value, list)
+        and all(isinstance(choice, dict) and set(choice) == {"required"} for choice in error.validator_value)
+    ):  # {"oneOf": [{"required": ["a"]}, {"required": ["b"]}]}: exactly one of the keys a, b
+        choices = [key for choice in error.validator_value for key in choice["required"]]
+        message = f"give exactly one of the keys {', '.join(choices)}"
     where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".") or "top level"
     line = _line_of(root, keys)
     place = f"line {line}, {where}" if line is not None else where

@@ -5,8 +5,9 @@
 >>> print(report.summary_table())                                   # doctest: +SKIP
 
 Modules: :mod:`~wsi_espnet.batch.cohort` (cohort manifests, folders, globs), :mod:`~wsi_espnet.batch.pipeline`
-(pipeline files), :mod:`~wsi_espnet.batch.clusters` (the one client), :mod:`~wsi_espnet.batch.run` (slide
-drivers), :mod:`~wsi_espnet.batch.report` (per-slide outcomes, CSV/JSON report, summary table).
+(pipeline files), :mod:`~wsi_espnet.batch.clusters` (the one client), :mod:`~wsi_espnet.batch.kubernetes`
+(DaskClusters on Kubernetes), :mod:`~wsi_espnet.batch.run` (slide drivers), :mod:`~wsi_espnet.batch.report`
+(per-slide outcomes, CSV/JSON report, summary table).
 """
 
 from wsi_espnet.batch.cohort import Cohort, CohortSlide, cohort_from_pattern, load_cohort

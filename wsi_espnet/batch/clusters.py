@@ -4,6 +4,7 @@
 ``scheduler``: an existing dask.distributed cluster, by address or scheduler file.
 ``slurm`` / ``pbs``: a dask-jobqueue cluster whose workers are batch jobs; the scheduler runs here
 (the login node) and ``jobs`` jobs are kept running, a job that ends early being resubmitted.
+``kubernetes``: a DaskCluster of the Dask operator (:mod:`~wsi_espnet.batch.kubernetes`).
 Scale-out is always an existing engine's: this module only translates the pipeline's settings.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
+from wsi_espnet.batch.kubernetes import open_kubernetes_client
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 
@@ -41,12 +43,19 @@ def task_resources(spec: ClusterSpec) -> dict[str, float] | None:
         return dict(settings["task_resources"]) if settings.get("task_resources") else None
     if spec.kind in ("local", "slurm", "pbs") and settings.get("gpus", 0) > 0:
         return {GPU_RESOURCE: 1}
+    if spec.kind == "kubernetes" and settings.get("gpus_per_worker", 0) > 0:
+        return {GPU_RESOURCE: 1}
     return None
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec, *, job_log_directory: Path | None = None) -> Iterator[Client]:
+def open_client(
+    spec: ClusterSpec, *, name: str = "wsi-espnet", job_log_directory: Path | None = None
+) -> Iterator[Client]:
     """A client for ``spec``, closed (with any cluster started here) on exit.
+
+    ``name`` (the pipeline's) names a Kubernetes cluster; ``job_log_directory`` is where job-queue
+    workers write their logs unless the spec says otherwise.
 
     ``job_log_directory`` is where job-queue workers write their logs unless the spec says otherwise.
     Raises :class:`InputError` when the cluster cannot be started or reached, saying what to check.
@@ -64,8 +73,11 @@ def open_client(spec: ClusterSpec, *, job_log_directory: Path | None = None) -> 
         ):
             _wait_for_first_worker(client, spec.kind, timeout, cluster)
             yield client
+    elif spec.kind == "kubernetes":
+        with open_kubernetes_client(spec.settings, name=name) as client:
+            yield client
     else:
-        raise InputError(f"cluster kind {spec.kind!r} is not known; use local, scheduler, slurm or pbs.")
+        raise InputError(f"cluster kind {spec.kind!r} is not known; use local, scheduler, slurm, pbs or kubernetes.")
 
 
 def _local_cluster(settings: Mapping[str, Any]) -> SpecCluster:
@@ -126,8 +138,14 @@ def job_script(spec: ClusterSpec, *, job_log_directory: Path | None = None) -> s
     if spec.kind not in ("slurm", "pbs"):
         raise InputError(f"only slurm and pbs clusters have worker job scripts; this cluster is {spec.kind}.")
     cls = _job_queue_class(spec.kind)
-    with cls(**_job_queue_kwargs(spec.kind, spec.settings, job_log_directory)) as cluster:
-        return str(cluster.job_script())
+    logs = spec.settings.get("log_directory") or job_log_directory
+    # dask-jobqueue creates the log folder when it builds a job; printing a script must not, so it is
+    # built with a scratch folder whose path is then replaced by the real one.
+    with tempfile.TemporaryDirectory(prefix="wsi-espnet-job-logs-") as scratch:
+        settings = {**spec.settings, "log_directory": scratch} if logs else spec.settings
+        with cls(**_job_queue_kwargs(spec.kind, settings, None)) as cluster:
+            script = str(cluster.job_script())
+    return script.replace(scratch, str(logs)) if logs else script
 
 
 def _job_queue_class(kind: str) -> Any:

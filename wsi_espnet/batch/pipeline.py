@@ -10,6 +10,7 @@ the file) says everything a cohort run needs::
     segmentation: {target_mpp: 2.0, tile_size: 512, formats: [ome-zarr, ome-tiff, provenance]}
     outputs: {folder: ../cohort-masks, layout: per-slide}     # or flat (the default)
     cluster: {local: {workers: 2, threads_per_worker: 1}}    # or {scheduler: {address: tcp://host:8786}}
+                                                              # or {kubernetes: {image: ..., volumes: [...]}}
     concurrent_slides: 2
 
 :func:`pipeline_from_inputs` builds the same thing from command-line values.
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wsi_espnet.batch.cohort import Cohort, CohortSlide, cohort_from_pattern, load_cohort
+from wsi_espnet.batch.kubernetes import check_shared_paths
 from wsi_espnet.batch.report import FIXED_COLUMNS
 from wsi_espnet.errors import InputError
 from wsi_espnet.segment_slide import DEFAULT_FORMATS, SegmentOptions
 from wsi_espnet.tissue_detection import TissueOptions
-from wsi_espnet.yaml_documents import read_checked_yaml, resolve_path
+from wsi_espnet.yaml_documents import expand_env, read_checked_yaml, resolve_path
 
 __all__ = ["PIPELINE_SCHEMA", "ClusterSpec", "Layout", "Pipeline", "load_pipeline", "pipeline_from_inputs"]
 
@@ -36,7 +38,7 @@ __all__ = ["PIPELINE_SCHEMA", "ClusterSpec", "Layout", "Pipeline", "load_pipelin
 PIPELINE_SCHEMA = Path(__file__).with_name("pipeline.schema.json")
 
 Layout = Literal["flat", "per-slide"]
-ClusterKind = Literal["local", "scheduler", "slurm", "pbs"]
+ClusterKind = Literal["local", "scheduler", "slurm", "pbs", "kubernetes"]
 DEFAULT_CONCURRENT_SLIDES = 2
 
 
@@ -45,7 +47,8 @@ class ClusterSpec:
     """Where the tasks run. ``kind`` local: a LocalCluster with worker processes (``settings``: workers,
     threads_per_worker, memory_limit, gpus); scheduler: an existing one (``settings``: address or file,
     task_resources); slurm / pbs: a dask-jobqueue cluster (``settings``: cores, memory, jobs, gpus, ...;
-    see ``pipeline.schema.json``)."""
+    see ``pipeline.schema.json``); kubernetes: a DaskCluster of the Dask operator (``settings``: see
+    :mod:`~wsi_espnet.batch.kubernetes`)."""
 
     kind: ClusterKind = "local"
     settings: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +76,11 @@ class Pipeline:
         if self.concurrent_slides < 1:
             raise InputError(f"[[concurrent_slides]] {self.concurrent_slides} must be >= 1.")
         self._check_output_names()  # a mistake in the pipeline, found before any work
+        if self.cluster.kind == "kubernetes":
+            reads = [slide.path for slide in self.cohort.slides]
+            if self.model is not None and Path(self.model).is_absolute():
+                reads.append(Path(self.model))
+            check_shared_paths(self.cluster.settings, reads=reads, writes=self.out_dir)
         reserved = [c for c in self.cohort.metadata_columns if c in FIXED_COLUMNS or c.startswith("area_mm2:")]
         if reserved:
             raise InputError(
@@ -135,8 +143,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     if "cohort" in inputs:
         cohort = load_cohort(resolve_path(base, inputs["cohort"], where=f"{where} inputs.cohort"))
     else:
-        text = inputs["slides"]
-        cohort = cohort_from_pattern(text if Path(text).is_absolute() else str(base / text))
+        text = expand_env(inputs["slides"], where=f"{where} inputs.slides")  # before the test: ${DATA}/slides
+        cohort = cohort_from_pattern(text if Path(text).expanduser().is_absolute() else str(base / text))
     outputs = raw["outputs"]
     try:
         options = _segment_options(raw.get("segmentation", {}), overwrite=outputs.get("overwrite", False))
@@ -147,6 +155,11 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     for key in ("file", "log_directory"):  # paths relative to the pipeline file (read on this machine)
         if key in settings:
             settings[key] = str(resolve_path(base, settings[key], where=f"{where} cluster.{kind}.{key}"))
+    if kind == "kubernetes":
+        settings["volumes"] = [
+            {**volume, "mount_path": expand_env(volume["mount_path"], where=f"{where} cluster.kubernetes.volumes[{i}]")}
+            for i, volume in enumerate(settings["volumes"])
+        ]
     return Pipeline(
         name=raw.get("name", path.stem),
         cohort=cohort,

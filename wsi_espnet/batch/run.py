@@ -129,7 +129,7 @@ def _client(client: Client | None, pipeline: Pipeline) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    with open_client(pipeline.cluster, job_log_directory=pipeline.out_dir / JOB_LOG_FOLDER) as own:
+    with open_client(pipeline.cluster, name=pipeline.name, job_log_directory=pipeline.out_dir / JOB_LOG_FOLDER) as own:
         yield own
 
 
