@@ -244,6 +244,6 @@ def test_a_report_that_cannot_be_written_is_explained_and_the_masks_are_kept(sha
     result = run_cli("batch", "--input", slide, "--out", tmp_path / "out", *args)
     assert result.returncode == 2, result.stderr
     assert "cannot write the batch report in" in result.stderr
-    assert "The slides' own outputs are complete" in result.stderr
+    assert "The slides themselves ended as printed (1 ok)" in result.stderr
     assert "Traceback" not in result.stderr
     assert labels_of(tmp_path / "out" / "CMU-1-Small-Region.mask.zarr") == references["CMU-1-Small-Region"]

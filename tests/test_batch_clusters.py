@@ -8,6 +8,7 @@ No GPU is needed: a worker process started with ``resources={"GPU": 1}`` is what
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from dask.utils import key_split
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+from distributed.system import MEMORY_LIMIT
 
 from wsi_espnet.batch import load_pipeline, pipeline_from_inputs, run_pipeline
 from wsi_espnet.batch.clusters import job_script, open_client, task_resources
@@ -147,7 +149,7 @@ def test_gpu_settings_become_task_resources_and_are_checked_against_the_machine(
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the refusal is for machines with fewer GPUs than asked for")
-    refused = r"asks for gpus=1 but this machine has 0 CUDA device"
+    refused = r"asks for gpus: 1 in cluster.local, but this machine has 0 CUDA device"
     with pytest.raises(InputError, match=refused), open_client(ClusterSpec("local", {"gpus": 1})):
         pass
 
@@ -165,3 +167,23 @@ def test_every_shipped_pipeline_example_is_valid(shared_data, path, monkeypatch)
         script = job_script(pipeline.cluster)
         assert "distributed.cli.dask_worker" in script
         assert ("--resources GPU=1" in script) == bool(pipeline.cluster.settings.get("gpus"))
+
+
+def test_a_local_gpu_cluster_has_one_worker_per_gpu_of_this_process(monkeypatch):
+    """This machine has no GPU, so the count PyTorch would report is set to 2; the workers are real
+    processes, and what each sees (CUDA_VISIBLE_DEVICES), offers and may use is read back from them."""
+    monkeypatch.setattr("wsi_espnet.batch.clusters._cuda_device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # e.g. a SLURM job that holds GPUs 5 and 7
+    with open_client(ClusterSpec("local", {"gpus": 2})) as client:
+        client.wait_for_workers(2, timeout=60)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    assert sorted(seen.values()) == ["5", "7"]
+    assert all(w["resources"] == {"GPU": 1} for w in workers.values())
+    assert all(w["memory_limit"] == MEMORY_LIMIT // 2 for w in workers.values())  # half of this machine each
+    both = ClusterSpec("local", {"gpus": 2, "workers": 3})
+    with (
+        pytest.raises(InputError, match=r"with gpus there is one worker per GPU, so remove workers"),
+        open_client(both),
+    ):
+        pass

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import dask
 import pytest
 import yaml
 
@@ -85,27 +86,34 @@ def _job_ids() -> list[str]:
 
 
 def test_a_pipeline_runs_on_slurm_with_a_job_cancelled_mid_run(partition, shared_data, espnet_checkpoint, tmp_path):
-    """Two worker jobs; one is scancel-ed mid-run: its tasks move to the other, the job is resubmitted,
-    and every slide equals the single-slide run."""
+    """Two worker jobs; one is scancel-ed mid-run: its tasks move to the other, a replacement job is
+    submitted, and every slide equals the single-slide run."""
     pipeline = load_pipeline(_slurm_pipeline(tmp_path, shared_data, espnet_checkpoint, partition))
     cancelled: list[str] = []
+    replaced: list[str] = []
     lock = threading.Lock()
 
     def cancel_a_job(event: ProgressEvent) -> None:
         with lock:
+            jobs = _job_ids()
             if not cancelled and event.stage == "tiles" and event.slide.startswith("tcga") and event.done >= 1:
-                jobs = _job_ids()
                 if jobs and event.done < event.total:
                     subprocess.run(["scancel", "--signal=KILL", "--full", jobs[0]], check=True)
                     cancelled.append(jobs[0])
+                    cancelled.extend(jobs[1:])  # every job known before the cancel
+            elif cancelled:
+                replaced.extend(j for j in jobs if j not in cancelled and j not in replaced)
 
-    report = run_pipeline(pipeline, on_progress=cancel_a_job)
+    # The scheduler forgets a lost worker after 1 s instead of 15 s, so adapt resubmits within the run.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        report = run_pipeline(pipeline, on_progress=cancel_a_job)
     assert [o.status for o in report.outcomes] == ["ok", "ok"], [o.reason for o in report.outcomes]
     assert report.scheduler.startswith("tcp://127.0.0.1:")
     logs = sorted((tmp_path / "out" / ".batch-jobs").glob("wsi-espnet-*.err"))
     assert len(logs) >= 2, "the workers did not run as SLURM jobs writing to the job log folder"
     assert any("Registered to" in log.read_text() for log in logs)
     assert cancelled, "no tile finished before the last one, so no job was cancelled mid-run"
+    assert replaced, "no replacement job was submitted for the cancelled one"
     assert _job_ids() == [], "the batch left worker jobs in the queue"
 
     for outcome in report.outcomes:
@@ -159,7 +167,7 @@ def test_a_job_slurm_refuses_is_explained_before_anything_runs(partition, tmp_pa
 def test_gpu_jobs_run_one_worker_on_their_gpu(tmp_path):
     """No SLURM needed: the settings are checked before anything is submitted."""
     spec = ClusterSpec("slurm", {**WORKER_JOB, "gpus": 1, "processes": 2})
-    refused = r"gpus=1 runs one worker process on the job's GPU, but processes=2"
+    refused = r"gpus: 1 runs one worker process on the job's GPU, but processes: 2"
     with pytest.raises(InputError, match=refused), open_client(spec, job_log_directory=tmp_path):
         pass
     assert task_resources(ClusterSpec("slurm", {**WORKER_JOB, "gpus": 1})) == {"GPU": 1}
@@ -168,9 +176,10 @@ def test_gpu_jobs_run_one_worker_on_their_gpu(tmp_path):
 
 @pytest.mark.parametrize(("kind", "lines"), [
     ("slurm", ["#SBATCH --gres=gpu:1", "#SBATCH --mem=", "--resources GPU=1", "#SBATCH -p gpu"]),
-    ("pbs", ["#PBS -l select=1:ncpus=4:ngpus=1:mem=16gb", "--resources GPU=1", "#PBS -q gpu"]),
+    ("pbs", ["#PBS -l select=1:ncpus=4:ngpus=1:mem=15gb", "--resources GPU=1", "#PBS -q gpu"]),
 ])  # fmt: skip
 def test_gpu_job_scripts_ask_the_queue_for_one_gpu_and_tag_the_worker(tmp_path, kind, lines):
+    # 16GB is 16e9 bytes: PBS sizes are whole binary units, so 15gb (rounded up) is the closest it can ask for.
     spec = ClusterSpec(kind, {"queue": "gpu", "cores": 4, "memory": "16GB", "gpus": 1, "walltime": "01:00:00"})
     script = job_script(spec, job_log_directory=tmp_path)
     for line in lines:
@@ -190,3 +199,19 @@ def test_print_cluster_spec_shows_the_job_script_and_submits_nothing(tmp_path):
     out = Path("/scratch") / os.environ.get("USER", "me") / "cohort-2026-masks"  # the example's output folder
     assert f"{out}/.batch-jobs" in done.stdout
     assert not out.exists()  # nothing ran, nothing was written (not even the jobs' log folder)
+
+
+@pytest.mark.parametrize(("example", "flags", "message"), [
+    ("scheduler-example.yaml", ["--workers", "2"], "but the pipeline connects to an existing scheduler"),
+    ("slurm-example.yaml", ["--threads-per-worker", "2"], "each worker job has the cluster.slurm.cores"),
+])  # fmt: skip
+def test_sizing_flags_that_do_not_fit_the_pipelines_cluster_are_refused(shared_data, tmp_path, example, flags,
+                                                                         message):  # fmt: skip
+    """Before, --workers quietly swapped a SLURM or scheduler pipeline for a local cluster."""
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    env = {**os.environ, "WSI_ESPNET_BATCH_OUT": str(tmp_path), "DASK_SCHEDULER_FILE": str(tmp_path / "s.json")}
+    done = subprocess.run([sys.executable, "-m", "wsi_espnet", "batch", root / example, *flags], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

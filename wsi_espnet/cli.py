@@ -32,7 +32,7 @@ from wsi_espnet.errors import InputError, WsiEspnetError, render_options
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from wsi_espnet.batch import Pipeline
+    from wsi_espnet.batch import ClusterSpec, Pipeline
     from wsi_espnet.segment_slide import SegmentationResult, SegmentOptions
     from wsi_espnet.segmentation import ProgressEvent
 
@@ -285,16 +285,29 @@ def _batch_pipeline(args: argparse.Namespace) -> Pipeline:
     if args.scheduler is not None:
         pipeline = pipeline.replace(cluster=ClusterSpec("scheduler", {"address": args.scheduler}))
     elif args.workers is not None or args.threads_per_worker is not None:
-        on_kubernetes = pipeline.cluster.kind == "kubernetes"  # its pods take the same two keys
-        kept = pipeline.cluster.settings if pipeline.cluster.kind in ("local", "kubernetes") else {}
-        given = {"workers": args.workers, "threads_per_worker": args.threads_per_worker}
-        pipeline = pipeline.replace(
-            cluster=ClusterSpec(
-                "kubernetes" if on_kubernetes else "local",
-                {**kept, **{k: v for k, v in given.items() if v is not None}},
-            )
-        )
+        pipeline = pipeline.replace(cluster=_scaled(pipeline.cluster, args.workers, args.threads_per_worker))
     return pipeline
+
+
+def _scaled(cluster: ClusterSpec, workers: int | None, threads: int | None) -> ClusterSpec:
+    """The pipeline's own cluster with --workers / --threads-per-worker applied: local workers,
+    Kubernetes worker pods, or SLURM/PBS jobs (a job's threads are its cores, so that flag is refused)."""
+    from wsi_espnet.batch import ClusterSpec
+
+    if cluster.kind == "scheduler":
+        raise InputError(
+            "--workers and --threads-per-worker size a cluster this command starts, but the pipeline connects to "
+            "an existing scheduler; scale that cluster itself, or drop the flags."
+        )
+    if cluster.kind in ("slurm", "pbs"):
+        if threads is not None:
+            raise InputError(
+                f"--threads-per-worker does not apply to a {cluster.kind} cluster: each worker job has the "
+                f"cluster.{cluster.kind}.cores of the pipeline; change cores (and processes) there."
+            )
+        return ClusterSpec(cluster.kind, {**cluster.settings, "jobs": workers})
+    given = {"workers": workers, "threads_per_worker": threads}
+    return ClusterSpec(cluster.kind, {**cluster.settings, **{k: v for k, v in given.items() if v is not None}})
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -564,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", default=None, help="a .safetensors checkpoint or a packaged name (default: packaged)")
     batch.add_argument("--layout", choices=["flat", "per-slide"], default=None, help="flat (default) or per-slide")
     batch.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
-    batch.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster (or pods)")
+    batch.add_argument(
+        "--workers", type=int, default=None,
+        help="worker processes of the local cluster, worker pods on Kubernetes, or jobs on SLURM/PBS",
+    )  # fmt: skip
     batch.add_argument("--threads-per-worker", type=int, default=None, help="threads per local worker (default 1)")
     batch.add_argument("--concurrent-slides", type=int, default=None, help="slides driven at once (default 2)")
     batch.add_argument("--format", default=None, help="comma-separated outputs, or 'all' (default: the pipeline's)")

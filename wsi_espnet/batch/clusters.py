@@ -20,7 +20,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+from distributed.system import MEMORY_LIMIT
 
 from wsi_espnet.batch.kubernetes import open_kubernetes_client
 from wsi_espnet.batch.pipeline import ClusterSpec
@@ -56,8 +58,6 @@ def open_client(
 
     ``name`` (the pipeline's) names a Kubernetes cluster; ``job_log_directory`` is where job-queue
     workers write their logs unless the spec says otherwise.
-
-    ``job_log_directory`` is where job-queue workers write their logs unless the spec says otherwise.
     Raises :class:`InputError` when the cluster cannot be started or reached, saying what to check.
     """
     if spec.kind == "local":
@@ -68,10 +68,10 @@ def open_client(
             yield client
     elif spec.kind in ("slurm", "pbs"):
         with (
-            _job_queue_cluster(spec.kind, spec.settings, job_log_directory) as (cluster, timeout),
+            _job_queue_cluster(spec.kind, spec.settings, job_log_directory) as (cluster, timeout, logs),
             Client(cluster) as client,
         ):
-            _wait_for_first_worker(client, spec.kind, timeout, cluster)
+            _wait_for_first_worker(client, spec.kind, timeout, logs)
             yield client
     elif spec.kind == "kubernetes":
         with open_kubernetes_client(spec.settings, name=name) as client:
@@ -91,20 +91,30 @@ def _local_cluster(settings: Mapping[str, Any]) -> SpecCluster:
             n_workers=workers, threads_per_worker=threads, processes=True, memory_limit=memory,
             dashboard_address=":0", silence_logs=_QUIET,
         )  # fmt: skip
+    if settings.get("workers"):
+        raise InputError(
+            f"cluster.local sets both workers: {settings['workers']} and gpus: {gpus}; with gpus there is one worker "
+            "per GPU, so remove workers."
+        )
     visible = _cuda_device_count()
     if gpus > visible:
         raise InputError(
-            f"the pipeline asks for [[gpus={gpus}]] but this machine has {visible} CUDA device(s) visible to "
-            "PyTorch; lower gpus (0 runs on the CPU), or run on a GPU node."
+            f"the pipeline asks for gpus: {gpus} in cluster.local, but this machine has {visible} CUDA device(s) "
+            "visible to PyTorch; lower gpus (0 runs on the CPU), or run on a GPU node."
         )
-    # One worker process per GPU, each seeing only its own (so "cuda" means that GPU and one model
-    # is loaded per GPU), each offering one GPU resource so at most one tile task runs on it at a time.
+    # One worker process per GPU, each seeing only its own (so "cuda" means that GPU and one model is
+    # loaded per GPU), each offering one GPU resource so at most one tile task runs on it at a time.
+    # The GPUs are this process's own: inside a job that holds GPUs 2 and 3, worker 0 gets 2.
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in inherited.split(",")] if inherited else [str(i) for i in range(visible)]
+    if memory == "auto":  # LocalCluster's share (all memory / workers), not a Nanny's (per thread of all cores)
+        memory = MEMORY_LIMIT // gpus
     workers = {
         f"gpu-{i}": {
             "cls": Nanny,
             "options": {
                 "nthreads": threads, "memory_limit": memory, "resources": {GPU_RESOURCE: 1},
-                "env": {"CUDA_VISIBLE_DEVICES": str(i)}, "silence_logs": _QUIET,
+                "env": {"CUDA_VISIBLE_DEVICES": devices[i]}, "silence_logs": _QUIET,
             },
         }
         for i in range(gpus)
@@ -162,8 +172,8 @@ def _job_queue_class(kind: str) -> Any:
 @contextlib.contextmanager
 def _job_queue_cluster(
     kind: str, settings: Mapping[str, Any], job_log_directory: Path | None
-) -> Iterator[tuple[Any, float]]:
-    """A dask-jobqueue SLURMCluster / PBSCluster kept at ``jobs`` jobs, and its start timeout."""
+) -> Iterator[tuple[Any, float, str | None]]:
+    """A dask-jobqueue SLURMCluster / PBSCluster kept at ``jobs`` jobs, its start timeout and log folder."""
     cls = _job_queue_class(kind)
     kwargs = _job_queue_kwargs(kind, settings, job_log_directory)
     submit = "sbatch" if kind == "slurm" else "qsub"
@@ -182,7 +192,7 @@ def _job_queue_cluster(
         jobs = settings.get("jobs", 1)
         # adapt, not scale: a job that ends early (walltime, preemption, a node lost) is resubmitted.
         cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
-        yield cluster, float(settings.get("start_timeout", DEFAULT_START_TIMEOUT_S))
+        yield cluster, float(settings.get("start_timeout", DEFAULT_START_TIMEOUT_S)), kwargs.get("log_directory")
 
 
 def _job_queue_kwargs(kind: str, settings: Mapping[str, Any], job_log_directory: Path | None) -> dict[str, Any]:
@@ -190,8 +200,14 @@ def _job_queue_kwargs(kind: str, settings: Mapping[str, Any], job_log_directory:
     gpus = settings.get("gpus", 0)
     if gpus and processes != 1:
         raise InputError(
-            f"cluster.{kind}: [[gpus=1]] runs one worker process on the job's GPU, but [[processes={processes}]] "
-            "asks for more; remove processes (or set it to 1) and ask for more jobs instead."
+            f"cluster.{kind}: gpus: 1 runs one worker process on the job's GPU, but processes: {processes} asks for "
+            "more; remove processes (or set it to 1) and ask for more jobs instead."
+        )
+    walltime = settings.get("walltime")
+    if kind == "pbs" and walltime and "-" in walltime:
+        raise InputError(
+            f"cluster.pbs.walltime {walltime!r} uses SLURM's days-hours form, which PBS refuses; write hours, "
+            "e.g. 36:00:00."
         )
     directives = list(settings.get("job_extra_directives", []))
     kwargs: dict[str, Any] = {
@@ -217,10 +233,18 @@ def _job_queue_kwargs(kind: str, settings: Mapping[str, Any], job_log_directory:
         if kind == "slurm":
             directives.append("--gres=gpu:1")
         else:  # PBS Pro's chunk syntax; Torque sites put their own line in job_extra_directives
-            memory = str(settings["memory"]).replace(" ", "").lower().replace("ib", "b")
+            memory = _pbs_size(parse_bytes(str(settings["memory"])))
             kwargs["resource_spec"] = f"select=1:ncpus={settings['cores']}:ngpus=1:mem={memory}"
     kwargs["job_extra_directives"] = directives
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _pbs_size(size: int) -> str:
+    """A whole-number PBS size, rounded up (PBS reads ``gb`` as 2**30 bytes and refuses fractions)."""
+    for unit, factor in (("gb", 2**30), ("mb", 2**20), ("kb", 2**10)):
+        if size >= factor:
+            return f"{-(-size // factor)}{unit}"
+    return f"{size}b"
 
 
 def _check_slurm_job(script: str) -> None:
@@ -237,17 +261,21 @@ def _check_slurm_job(script: str) -> None:
         Path(handle.name).unlink(missing_ok=True)
     if done.returncode != 0:
         said = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
+        if "Unable to contact slurm controller" in said:
+            raise InputError(
+                f"sbatch cannot reach the SLURM controller ({said}); check `sinfo` works here, and SLURM_CONF if "
+                "your site sets it."
+            )
         raise InputError(
             f"SLURM refuses the worker job the pipeline describes: {said}. Check cluster.slurm (queue, account, "
             "cores, memory, walltime, job_extra_directives) against `sinfo` and your site's limits."
         )
 
 
-def _wait_for_first_worker(client: Client, kind: str, timeout: float, cluster: Any) -> None:
+def _wait_for_first_worker(client: Client, kind: str, timeout: float, logs: str | None) -> None:
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError as exc:
-        logs = getattr(cluster, "_job_kwargs", {}).get("log_directory")
         where = f"; the jobs' logs are in {logs}" if logs else ""
         raise InputError(
             f"no {kind} worker job started within {timeout:g} s (waiting in the queue, or failing at start{where}); "

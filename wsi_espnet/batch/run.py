@@ -116,10 +116,11 @@ def run_pipeline(
                     unwritten = exc
                     _logger.error("cannot write the batch report in %s: %s.", pipeline.out_dir, exc.strerror or exc)
     if unwritten is not None:
+        counts = ", ".join(f"{n} {status}" for status, n in report.counts.items())
         raise InputError(
             f"cannot write the batch report in {str(pipeline.out_dir)!r}: {unwritten.strerror or unwritten}. The "
-            "slides' own outputs are complete; free space (or fix permissions) and rerun to write the report, "
-            "which recomputes nothing."
+            f"slides themselves ended as printed ({counts}) and each finished slide's outputs are complete; free "
+            "space (or fix permissions) and rerun to write the report, which recomputes no finished slide."
         ) from unwritten
     return report
 

@@ -6,6 +6,7 @@ is small and picklable, so the same plan serves a local run, a cluster run and a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from wsi_espnet.slides import LevelChoice, SlideReader, choose_level
 from wsi_espnet.tiling import Tile, TilePlan, plan_tiles
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions, detect_tissue
 
-__all__ = ["SlidePlan", "plan_slide", "tile_groups", "tiles_touching", "window_key"]
+__all__ = ["SlidePlan", "plan_slide", "sample_tissue", "tile_groups", "tiles_touching", "window_key"]
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,21 @@ class SlidePlan:
 
     def tissue_masks(self, tiles: list[Tile]) -> list[NDArray[np.bool_] | None]:
         """Each tile's tissue mask on the target grid, ``tile.region.shape`` bool (None when detection is off)."""
-        if self.tissue.method == "disabled":
-            return [None] * len(tiles)
-        scale = self.choice.target_to_level0
-        return [self.tissue.window(self.choice.to_level0(t.region)).sample(t.region, scale) for t in tiles]
+        return sample_tissue(self.choice, tiles, self.tissue_windows(tiles))
 
     def tissue_windows(self, tiles: list[Tile]) -> list[TissueMask | None]:
         """The part of the tissue mask under each tile (None when detection is off), for a worker to sample."""
         if self.tissue.method == "disabled":
             return [None] * len(tiles)
         return [self.tissue.window(self.choice.to_level0(t.region)) for t in tiles]
+
+
+def sample_tissue(
+    choice: LevelChoice, tiles: Sequence[Tile], windows: Sequence[TissueMask | None]
+) -> list[NDArray[np.bool_] | None]:
+    """Each tile's tissue mask on the target grid from its window (:meth:`SlidePlan.tissue_windows`)."""
+    scale = choice.target_to_level0
+    return [None if w is None else w.sample(t.region, scale) for t, w in zip(tiles, windows, strict=True)]
 
 
 def plan_slide(

@@ -30,7 +30,7 @@ from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.segmentation.label_store import LabelStore
 from wsi_espnet.segmentation.label_values import NO_TISSUE
-from wsi_espnet.segmentation.planning import window_key
+from wsi_espnet.segmentation.planning import sample_tissue, window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
 from wsi_espnet.tiling import Tile
 from wsi_espnet.tissue_detection import TissueMask
@@ -216,11 +216,7 @@ def segment_tile_group(
     tasks stay small on the scheduler and the driver does not compute every tile's mask.
     """
     model, config = cached_model(settings, weights)
-    scale = choice.target_to_level0
-    masks = [
-        None if window is None else window.sample(tile.region, scale)
-        for tile, window in zip(tiles, tissue, strict=True)
-    ]
+    masks = sample_tissue(choice, tiles, tissue)
     values, stats = label_tiles(reader, choice, tiles, masks, model, config, settings)
     store = LabelStore(store_path)
     for tile, labels in zip(tiles, values, strict=True):
