@@ -106,9 +106,11 @@ def test_bad_input_gets_a_message_and_leaves_nothing_complete(
 
 def test_a_model_that_is_not_a_checkpoint(shared_data, tmp_path):
     slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    result = run_cli("segment", slide, "--model", shared_data / "bad-inputs" / "strip-tiff-not-a-pyramid.tif", *FAST)
+    bad_model = shared_data / "bad-inputs" / "strip-tiff-not-a-pyramid.tif"
+    result = run_cli("segment", slide, "--model", bad_model, "--out", tmp_path, *FAST)  # not beside the slide
     assert result.returncode == 3
     assert "cannot read" in result.stderr
+    assert not (slide.parent / "CMU-1-Small-Region.segment.log").exists()
 
 
 def test_output_of_a_model_with_other_classes_is_not_mixed_in(
