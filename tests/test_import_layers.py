@@ -61,3 +61,18 @@ def test_imports_go_only_downwards(path: Path):
             continue
         assert LAYERS[target] <= LAYERS[own], f"{own} (layer {LAYERS[own]}) imports {imported} (layer {LAYERS[target]})"
         assert (own, target) not in FORBIDDEN, f"{own} must not import {imported}"
+
+
+def test_reading_a_mask_does_not_import_torch():
+    """The napari reader and wsi_espnet.outputs load lazily: torch (about 2 s) only comes with the model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_espnet.outputs, wsi_espnet.segmentation as s; import wsi_espnet_napari.reader; "
+        "assert 'torch' not in sys.modules, 'torch'; "
+        "assert sorted(s.__all__) == sorted(s._HOMES), 'exports'; "
+        "[getattr(s, name) for name in s.__all__]; assert 'torch' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

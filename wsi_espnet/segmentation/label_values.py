@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_espnet.errors import InputError
-from wsi_espnet.models.config import ModelConfig
+
+if TYPE_CHECKING:  # reading a mask (the napari reader) must not import torch through wsi_espnet.models
+    from wsi_espnet.models.config import ModelConfig
 
 __all__ = ["NO_TISSUE", "LabelClass", "check_label_classes", "label_classes_for"]
 
