@@ -41,20 +41,32 @@ def _labels(result) -> np.ndarray:
 
 @pytest.mark.slow
 def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp_path):
-    # Default settings at the slide's own 0.499 um/px: 2x2 tiles of 1536 px with the automatic halo.
-    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5))
+    # The automatic halo, at 0.7 um/px (CMU resampled from level 0 to 2115 x 1583) in 960-px tiles: four
+    # distinct windows in a 2 x 2 grid, each shifted inward at the slide's bottom or right edge, as the
+    # default 1536-px tiles give at the slide's own 0.499 um/px, for half the pixels. Each tile boundary
+    # between two windows has at least the halo (408 px or more) of context on both sides, and the third
+    # row of tiles shares the second row's window. A coarser grid cannot keep four distinct windows with
+    # that much context: at 1 um/px the slide is narrower than one tile plus two halos.
+    target_mpp = 0.7
+    result = segment_slide(
+        cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=target_mpp, tile_size=960)
+    )
     stitched = _labels(result)
-    assert result.provenance["tiling"]["tiles_with_tissue"] == 4
     tiling = result.provenance["tiling"]
-    plan = plan_tiles((2967, 2220), tile_size=1536, halo=tiling["halo"])
-    assert tiling["windows_run"] == len({window_key(t) for t in plan})  # tiles sharing a window run it once
+    assert tiling["tiles_with_tissue"] == 6
 
     reader = open_slide(cmu)
-    choice = choose_level(reader, 0.5)
+    choice = choose_level(reader, target_mpp)
+    assert choice.resample
+    plan = plan_tiles(choice.target_shape, tile_size=960, halo=tiling["halo"])
+    assert len({window_key(t) for t in plan}) == 4  # the 2 x 2 windows this test is about
+    assert tiling["windows_run"] == 4  # tiles sharing a window run it once
+
     whole = read_target_region(reader, choice, Region(0, 0, *choice.target_shape))
     model, _ = load_model(espnet_checkpoint)
     reference = predict(model, whole).labels + np.uint8(1)
-    tissue = detect_tissue(reader, mpp=choice.level_mpp).sample(Region(0, 0, *choice.target_shape), 1.0)
+    tissue_mask = detect_tissue(reader, mpp=choice.slide_mpp)
+    tissue = tissue_mask.sample(Region(0, 0, *choice.target_shape), choice.target_to_level0)
     reference[~tissue] = 0
 
     agreement = float(np.mean(stitched == reference))
