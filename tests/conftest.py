@@ -50,6 +50,30 @@ def espnet_checkpoint(original_weights: Path, tmp_path_factory: pytest.TempPathF
     return save_model(model, config, tmp_path_factory.mktemp("models") / "espnet-q3.safetensors")
 
 
+#: CMU in small tiles, one task at a time: 20 of its 30 tiles hold tissue, so a run can be stopped part-way
+#: (killed, cancelled, out of disk) with tiles done and tiles left, and each run takes seconds.
+SMALL_TILES = {"target_mpp": 2.0, "tile_size": 128, "halo": 96, "workers": 1}
+
+
+@pytest.fixture(scope="session")
+def small_tiles_reference(
+    shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> NDArray[np.uint8]:
+    """CMU's level-0 labels from one uninterrupted :data:`SMALL_TILES` run (read-only).
+
+    What every stopped and resumed run with those settings must reproduce: computed once for the tests
+    that stop runs in different ways (``wsi-espnet segment`` maps its flags onto the same options).
+    """
+    from wsi_espnet.segment_slide import SegmentOptions, segment_slide
+    from wsi_espnet.segmentation.label_store import LabelStore
+
+    options = SegmentOptions(out_dir=tmp_path_factory.mktemp("small-tiles"), **SMALL_TILES)
+    result = segment_slide(shared_data / "slides" / "CMU-1-Small-Region.svs", espnet_checkpoint, options)
+    labels = np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...])
+    labels.flags.writeable = False
+    return labels
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the halo cache and demo downloads out of the user's ~/.cache during tests."""
