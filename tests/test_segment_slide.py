@@ -76,14 +76,18 @@ def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp
     assert on_tissue >= 0.995
 
 
+#: CMU at 2 um/px (resampled from level 0): a 740 x 554 mask in 3 x 3 tiles, a three-level pyramid, every
+#: output format. (At 1 um/px, GeoJSON alone took 15 s for the street-scene model's thousands of regions.)
+FULL_RUN = {"target_mpp": 2.0, "tile_size": 256, "halo": 96, "formats": frozenset(
+    {"ome-zarr", "ome-tiff", "geojson", "provenance"})}  # fmt: skip
+#: mm^2 of one mask pixel.
+PIXEL_MM2 = (FULL_RUN["target_mpp"] * 1e-3) ** 2
+
+
 @pytest.fixture(scope="module")
 def full_run(cmu, espnet_checkpoint, tmp_path_factory):
-    """CMU at 1 um/px (resampled from level 0), small tiles, every output format."""
-    options = SegmentOptions(
-        out_dir=tmp_path_factory.mktemp("full"), target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
-    )  # fmt: skip
-    return segment_slide(cmu, espnet_checkpoint, options)
+    """CMU segmented with the :data:`FULL_RUN` settings."""
+    return segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path_factory.mktemp("full"), **FULL_RUN))
 
 
 def test_provenance_records_inputs_settings_and_areas(full_run, cmu, espnet_checkpoint):
@@ -91,16 +95,16 @@ def test_provenance_records_inputs_settings_and_areas(full_run, cmu, espnet_chec
     assert record["input"]["sha256"] == hashlib.sha256(cmu.read_bytes()).hexdigest()
     assert record["model"]["sha256"] == hashlib.sha256(espnet_checkpoint.read_bytes()).hexdigest()
     assert record["resolution"]["resampled"] is True
-    assert record["resolution"]["effective_mpp"] == pytest.approx(1.0)
-    assert record["resolution"]["mask_shape"] == [1481, 1108]
-    assert (record["tiling"]["tile_size"], record["tiling"]["halo"]) == (512, 96)
+    assert record["resolution"]["effective_mpp"] == pytest.approx(2.0)
+    assert record["resolution"]["mask_shape"] == [740, 554]
+    assert (record["tiling"]["tile_size"], record["tiling"]["halo"]) == (256, 96)
     assert record["versions"]["torch"]
     assert record["versions"]["zarr"]
     assert record["timings_s"]["total"] >= record["timings_s"]["inference"] > 0
     labels = _labels(full_run)
     for entry in record["classes"]:
-        assert entry["area_mm2"] == pytest.approx(np.sum(labels == entry["value"]) * 1e-6)
-    assert record["tissue"]["segmented_area_mm2"] == pytest.approx(np.sum(labels > 0) * 1e-6)
+        assert entry["area_mm2"] == pytest.approx(np.sum(labels == entry["value"]) * PIXEL_MM2)
+    assert record["tissue"]["segmented_area_mm2"] == pytest.approx(np.sum(labels > 0) * PIXEL_MM2)
     assert 0.2 < record["tissue"]["fraction"] < 0.6
     assert LabelStore(full_run.outputs["ome-zarr"]).state()["status"] == "complete"
 
@@ -122,13 +126,13 @@ def test_ome_tiff_opens_as_a_pyramid_with_its_mpp(full_run):
     levels = len(LabelStore(full_run.outputs["ome-zarr"]).group("labels", "tissue_classes"))
     with tiffslide.TiffSlide(path) as slide:
         assert slide.level_count == levels
-        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(1.0)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(2.0)
         region = np.asarray(slide.read_region((0, 0), 0, slide.dimensions, as_array=True))
         values = region[..., 0] if region.ndim == 3 else region
         np.testing.assert_array_equal(values, _labels(full_run))
     with openslide.OpenSlide(path) as slide:
         assert slide.level_count == levels
-        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(2.0)
 
 
 def test_geojson_polygons_are_in_level0_slide_coordinates(full_run, cmu):
@@ -146,7 +150,7 @@ def test_geojson_polygons_are_in_level0_slide_coordinates(full_run, cmu):
     assert points[:, 0].max() <= width + 1
     assert points[:, 1].min() >= 0
     assert points[:, 1].max() <= height + 1
-    assert points[:, 0].max() > width / 2  # level-0 pixels, not mask pixels (the mask is half as large)
+    assert points[:, 0].max() > width / 2  # level-0 pixels, not mask pixels (the mask is a quarter as wide)
 
 
 def test_tissue_mask_is_saved(full_run):
@@ -158,14 +162,10 @@ def test_tissue_mask_is_saved(full_run):
 
 def test_a_complete_output_is_kept_and_other_settings_are_refused(full_run, cmu, espnet_checkpoint):
     out_dir = full_run.outputs["ome-zarr"].parent
-    options = SegmentOptions(
-        out_dir=out_dir, target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
-    )  # fmt: skip
-    again = segment_slide(cmu, espnet_checkpoint, options)
+    again = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, **FULL_RUN))
     assert again.skipped
     with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass overwrite=True"):
-        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024))
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=2.0, tile_size=512))
 
 
 def test_tiles_sharing_a_window_run_it_once(cmu, espnet_checkpoint, tmp_path):
