@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,22 @@ def small_tiles_reference(
     labels = np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...])
     labels.flags.writeable = False
     return labels
+
+
+@pytest.fixture(scope="session")
+def segmented_cmu(shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one real ``wsi-espnet segment`` run of CMU at 2 um/px: mask store, OME-TIFF,
+    provenance, tissue PNG. Shared by the modules that only read a real run's outputs: copy before changing.
+    """
+    out = tmp_path_factory.mktemp("segmented")
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    flags = ["--target-mpp", "2", "--tile-size", "256", "--halo", "64", "--quiet"]
+    command = ["segment", slide, "--model", espnet_checkpoint, "--out", out, *flags]
+    result = subprocess.run(
+        [sys.executable, "-m", "wsi_espnet", *map(str, command)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")
