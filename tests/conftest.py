@@ -52,9 +52,17 @@ def espnet_checkpoint(original_weights: Path, tmp_path_factory: pytest.TempPathF
     return save_model(model, config, tmp_path_factory.mktemp("models") / "espnet-q3.safetensors")
 
 
+#: The quick settings the end-to-end tests segment CMU with: 2 um/px, 256-px tiles, a 64-px halo.
+FAST = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
+
 #: CMU in small tiles, one task at a time: 20 of its 30 tiles hold tissue, so a run can be stopped part-way
 #: (killed, cancelled, out of disk) with tiles done and tiles left, and each run takes seconds.
 SMALL_TILES = {"target_mpp": 2.0, "tile_size": 128, "halo": 96, "workers": 1}
+
+
+def as_flags(options: dict[str, float | int]) -> list[str]:
+    """``wsi-espnet segment`` flags for SegmentOptions fields: ``{"tile_size": 128}`` -> ``["--tile-size", "128"]``."""
+    return [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +86,12 @@ def small_tiles_reference(
 
 @pytest.fixture(scope="session")
 def segmented_cmu(shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of one real ``wsi-espnet segment`` run of CMU at 2 um/px: mask store, OME-TIFF,
-    provenance, tissue PNG. Shared by the modules that only read a real run's outputs: copy before changing.
+    """The output folder of one real ``wsi-espnet segment`` run of CMU with :data:`FAST`: mask store, OME-TIFF,
+    provenance, tissue PNG. Shared by the tests that only read a real run's outputs: copy before changing.
     """
     out = tmp_path_factory.mktemp("segmented")
     slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    flags = ["--target-mpp", "2", "--tile-size", "256", "--halo", "64", "--quiet"]
-    command = ["segment", slide, "--model", espnet_checkpoint, "--out", out, *flags]
+    command = ["segment", slide, "--model", espnet_checkpoint, "--out", out, *as_flags(FAST), "--quiet"]
     result = subprocess.run(
         [sys.executable, "-m", "wsi_espnet", *map(str, command)], capture_output=True, text=True, timeout=600
     )

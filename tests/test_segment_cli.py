@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tiffslide
 import zarr
-from conftest import SMALL_TILES
+from conftest import SMALL_TILES, as_flags
 
 from wsi_espnet.demo import SAMPLE_SHA256, sample_slide
 from wsi_espnet.errors import InputError
@@ -132,8 +132,7 @@ def test_output_of_a_model_with_other_classes_is_not_mixed_in(
 def test_a_killed_run_resumes_to_identical_labels(shared_data, espnet_checkpoint, small_tiles_reference, tmp_path):
     slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
     # SMALL_TILES as flags: one task at a time over 20 tissue tiles, so the kill lands with tiles done and left.
-    small_tiles = [arg for key, value in SMALL_TILES.items() for arg in (f"--{key.replace('_', '-')}", value)]
-    args = ["segment", slide, "--model", espnet_checkpoint, *small_tiles, "--quiet"]
+    args = ["segment", slide, "--model", espnet_checkpoint, *as_flags(SMALL_TILES), "--quiet"]
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "wsi_espnet", *map(str, args), "--out", str(killed)],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import SMALL_TILES
+from conftest import FAST, SMALL_TILES
 from distributed import Client, LocalCluster
 
 from wsi_espnet.errors import Cancelled, InputError
@@ -17,8 +18,6 @@ from wsi_espnet.segment_slide import SegmentOptions, segment_slide
 from wsi_espnet.segmentation import STAGES, LabelStore, ProgressEvent, plan_slide, segment_region
 from wsi_espnet.slides import open_slide
 
-FAST = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
-
 
 @pytest.fixture(scope="module")
 def cmu(shared_data):
@@ -26,11 +25,10 @@ def cmu(shared_data):
 
 
 @pytest.fixture(scope="module")
-def reference(cmu, espnet_checkpoint, tmp_path_factory):
-    """``segment_slide`` on CMU with the fast settings: its labels and provenance."""
-    out = tmp_path_factory.mktemp("reference")
-    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out, **FAST))
-    return np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...]), result.provenance
+def reference(segmented_cmu):
+    """What ``segment_slide`` (run by ``wsi-espnet segment``) stored for CMU with FAST: its labels and provenance."""
+    labels = LabelStore(segmented_cmu / "CMU-1-Small-Region.mask.zarr").labels()[...]
+    return np.asarray(labels), json.loads((segmented_cmu / "CMU-1-Small-Region.provenance.json").read_text())
 
 
 @pytest.mark.parametrize(
