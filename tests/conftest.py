@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,53 @@ def espnet_checkpoint(original_weights: Path, tmp_path_factory: pytest.TempPathF
 
     model, config = load_original_checkpoint(original_weights / "decoder_espnet_p_2_q_3.pth")
     return save_model(model, config, tmp_path_factory.mktemp("models") / "espnet-q3.safetensors")
+
+
+#: The quick settings the end-to-end tests segment CMU with: 2 um/px, 256-px tiles, a 64-px halo.
+FAST = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
+
+#: CMU in small tiles, one task at a time: 20 of its 30 tiles hold tissue, so a run can be stopped part-way
+#: (killed, cancelled, out of disk) with tiles done and tiles left, and each run takes seconds.
+SMALL_TILES = {"target_mpp": 2.0, "tile_size": 128, "halo": 96, "workers": 1}
+
+
+def as_flags(options: dict[str, float | int]) -> list[str]:
+    """``wsi-espnet segment`` flags for SegmentOptions fields: ``{"tile_size": 128}`` -> ``["--tile-size", "128"]``."""
+    return [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+@pytest.fixture(scope="session")
+def small_tiles_reference(
+    shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> NDArray[np.uint8]:
+    """CMU's level-0 labels from one uninterrupted :data:`SMALL_TILES` run (read-only).
+
+    What every stopped and resumed run with those settings must reproduce: computed once for the tests
+    that stop runs in different ways (``wsi-espnet segment`` maps its flags onto the same options).
+    """
+    from wsi_espnet.segment_slide import SegmentOptions, segment_slide
+    from wsi_espnet.segmentation.label_store import LabelStore
+
+    options = SegmentOptions(out_dir=tmp_path_factory.mktemp("small-tiles"), **SMALL_TILES)
+    result = segment_slide(shared_data / "slides" / "CMU-1-Small-Region.svs", espnet_checkpoint, options)
+    labels = np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...])
+    labels.flags.writeable = False
+    return labels
+
+
+@pytest.fixture(scope="session")
+def segmented_cmu(shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one real ``wsi-espnet segment`` run of CMU with :data:`FAST`: mask store, OME-TIFF,
+    provenance, tissue PNG. Shared by the tests that only read a real run's outputs: copy before changing.
+    """
+    out = tmp_path_factory.mktemp("segmented")
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    command = ["segment", slide, "--model", espnet_checkpoint, "--out", out, *as_flags(FAST), "--quiet"]
+    result = subprocess.run(
+        [sys.executable, "-m", "wsi_espnet", *map(str, command)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -64,7 +64,7 @@ def _flip_tile_bytes(data: bytearray, original: Path) -> None:
 
 
 def _zero_tile(page: int) -> Callable[[bytearray, Path], None]:
-    """Zero the middle tile of page ``page`` (the level that the tests' settings read)."""
+    """Zero the middle tile of page ``page`` (a level that the tests' settings read)."""
 
     def edit(data: bytearray, original: Path) -> None:
         offset, count = _tile(original, page)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +10,12 @@ import pytest
 from wsi_espnet.slides import can_open, open_slide
 
 SLIDES = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region-dicom", "tcga-cr-7395-01a-01-ts1.svs", "test3-DAPI-2-387.ndpi"]
-FAST = ["--target-mpp", "2", "--tile-size", "256", "--halo", "64", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def out_dir(shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def out_dir(segmented_cmu: Path) -> Path:
     """The outputs of one real segmentation of the CMU slide: masks, provenance, tissue PNG."""
-    out = tmp_path_factory.mktemp("segmented")
-    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    command = ["segment", slide, "--model", espnet_checkpoint, "--out", out, *FAST]
-    result = subprocess.run(
-        [sys.executable, "-m", "wsi_espnet", *map(str, command)], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr
-    return out
+    return segmented_cmu
 
 
 @pytest.mark.parametrize("name", SLIDES)

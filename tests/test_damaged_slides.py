@@ -23,7 +23,12 @@ from damaged_slides import DAMAGED_SLIDES, make_damaged
 from wsi_espnet.segmentation.label_store import LabelStore
 from wsi_espnet.slides import SlideError, open_slide
 
-FAST = ["--target-mpp", "1", "--tile-size", "256", "--halo", "64", "--quiet"]
+FAST = ["--tile-size", "256", "--halo", "64", "--quiet"]
+#: um/px each case is segmented at (default 2). At 2 um/px the CMU copies are still read from their only
+#: level (resampled) and so meet their damage, the truncated NDPI from its last intact level (2, resampled),
+#: and the NDPI with a zeroed tile in level 3 reads that level as is (1.83 um/px), for tissue detection
+#: and tiles alike. The pyramid's damage is in its 1 um/px level, which only a 1 um/px run reads.
+TARGET_MPP = {"pyramid-zeroed-tile-in-level-1": 1.0}
 #: Seconds a case may take: a hang (the absurd-size file once ran until it was killed) fails the test.
 TIME_LIMIT_S = 180
 
@@ -70,7 +75,8 @@ def test_damaged_slide(shared_data, espnet_checkpoint, tmp_path, case):
     assert not any(noise in info.stderr for noise in NOISE), info.stderr
 
     out = tmp_path / "out"
-    result = _run("segment", slide, "--model", espnet_checkpoint, "--out", out, *FAST)
+    target = ["--target-mpp", TARGET_MPP.get(case, 2.0)]
+    result = _run("segment", slide, "--model", espnet_checkpoint, "--out", out, *target, *FAST)
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert not any(noise in result.stderr for noise in NOISE), result.stderr

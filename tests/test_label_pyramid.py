@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import dask.array as da
@@ -21,21 +19,14 @@ from wsi_espnet.segmentation.label_values import label_classes_for
 
 SLIDE = "CMU-1-Small-Region.svs"
 STEM = "CMU-1-Small-Region"
-FAST = ["--target-mpp", "2", "--tile-size", "256", "--halo", "64", "--quiet"]
 NOT_A_MASK = "is not a wsi-espnet mask"
 EXPECTED = "expected a <slide>.mask.zarr folder or <slide>.mask.ome.tiff file written by `wsi-espnet segment`"
 
 
 @pytest.fixture(scope="module")
-def out_dir(shared_data: Path, espnet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def out_dir(segmented_cmu: Path) -> Path:
     """One real segmentation of the CMU slide at 2 um/px: its ``.mask.zarr``, ``.mask.ome.tiff`` and provenance."""
-    out = tmp_path_factory.mktemp("segmented")
-    command = ["segment", shared_data / "slides" / SLIDE, "--model", espnet_checkpoint, "--out", out, *FAST]
-    result = subprocess.run(
-        [sys.executable, "-m", "wsi_espnet", *map(str, command)], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr
-    return out
+    return segmented_cmu
 
 
 @pytest.fixture(scope="module")

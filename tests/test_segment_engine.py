@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import FAST, SMALL_TILES
 from distributed import Client, LocalCluster
 
 from wsi_espnet.errors import Cancelled, InputError
@@ -16,8 +18,6 @@ from wsi_espnet.segment_slide import SegmentOptions, segment_slide
 from wsi_espnet.segmentation import STAGES, LabelStore, ProgressEvent, plan_slide, segment_region
 from wsi_espnet.slides import open_slide
 
-FAST = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
-
 
 @pytest.fixture(scope="module")
 def cmu(shared_data):
@@ -25,11 +25,10 @@ def cmu(shared_data):
 
 
 @pytest.fixture(scope="module")
-def reference(cmu, espnet_checkpoint, tmp_path_factory):
-    """``segment_slide`` on CMU with the fast settings: its labels and provenance."""
-    out = tmp_path_factory.mktemp("reference")
-    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out, **FAST))
-    return np.asarray(LabelStore(result.outputs["ome-zarr"]).labels()[...]), result.provenance
+def reference(segmented_cmu):
+    """What ``segment_slide`` (run by ``wsi-espnet segment``) stored for CMU with FAST: its labels and provenance."""
+    labels = LabelStore(segmented_cmu / "CMU-1-Small-Region.mask.zarr").labels()[...]
+    return np.asarray(labels), json.loads((segmented_cmu / "CMU-1-Small-Region.provenance.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -82,8 +81,9 @@ def test_progress_events_come_in_stage_order(cmu, espnet_checkpoint, reference, 
     assert "tissue" in tiles[0].detail
 
 
-def test_cancel_midway_then_resume_gives_identical_labels(cmu, espnet_checkpoint, tmp_path):
-    options = SegmentOptions(out_dir=tmp_path, target_mpp=1.0, tile_size=128, halo=64, workers=1)
+def test_cancel_midway_then_resume_gives_identical_labels(cmu, espnet_checkpoint, small_tiles_reference, tmp_path):
+    # One task at a time over CMU's 20 tissue tiles (SMALL_TILES): the cancel lands with tiles done and left.
+    options = SegmentOptions(out_dir=tmp_path, **SMALL_TILES)
     cancel = threading.Event()
 
     def cancel_after_five(event: ProgressEvent) -> None:
@@ -102,8 +102,8 @@ def test_cancel_midway_then_resume_gives_identical_labels(cmu, espnet_checkpoint
     resumed = segment_slide(cmu, espnet_checkpoint, options)
     assert resumed.provenance["tiling"]["tiles_resumed"] == done
     assert done < resumed.provenance["tiling"]["tiles_with_tissue"]
-    fresh = segment_slide(cmu, espnet_checkpoint, SegmentOptions(**{**options.__dict__, "out_dir": tmp_path / "fresh"}))
-    assert store.labels()[...].tobytes() == LabelStore(fresh.outputs["ome-zarr"]).labels()[...].tobytes()
+    # An uninterrupted run with the same options, shared with the other stop-and-resume tests.
+    assert store.labels()[...].tobytes() == small_tiles_reference.tobytes()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import openslide
 import pytest
 import tiffslide
-from conftest import white_slide
+from conftest import FAST, SMALL_TILES, white_slide
 from distributed import LocalCluster
 
 from wsi_espnet.errors import InputError
@@ -41,20 +41,32 @@ def _labels(result) -> np.ndarray:
 
 @pytest.mark.slow
 def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp_path):
-    # Default settings at the slide's own 0.499 um/px: 2x2 tiles of 1536 px with the automatic halo.
-    result = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=0.5))
+    # The automatic halo, at 0.7 um/px (CMU resampled from level 0 to 2115 x 1583) in 960-px tiles: four
+    # distinct windows in a 2 x 2 grid, each shifted inward at the slide's bottom or right edge, as the
+    # default 1536-px tiles give at the slide's own 0.499 um/px, for half the pixels. Each tile boundary
+    # between two windows has at least the halo (408 px or more) of context on both sides, and the third
+    # row of tiles shares the second row's window. A coarser grid cannot keep four distinct windows with
+    # that much context: at 1 um/px the slide is narrower than one tile plus two halos.
+    target_mpp = 0.7
+    result = segment_slide(
+        cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path, target_mpp=target_mpp, tile_size=960)
+    )
     stitched = _labels(result)
-    assert result.provenance["tiling"]["tiles_with_tissue"] == 4
     tiling = result.provenance["tiling"]
-    plan = plan_tiles((2967, 2220), tile_size=1536, halo=tiling["halo"])
-    assert tiling["windows_run"] == len({window_key(t) for t in plan})  # tiles sharing a window run it once
+    assert tiling["tiles_with_tissue"] == 6
 
     reader = open_slide(cmu)
-    choice = choose_level(reader, 0.5)
+    choice = choose_level(reader, target_mpp)
+    assert choice.resample
+    plan = plan_tiles(choice.target_shape, tile_size=960, halo=tiling["halo"])
+    assert len({window_key(t) for t in plan}) == 4  # the 2 x 2 windows this test is about
+    assert tiling["windows_run"] == 4  # tiles sharing a window run it once
+
     whole = read_target_region(reader, choice, Region(0, 0, *choice.target_shape))
     model, _ = load_model(espnet_checkpoint)
     reference = predict(model, whole).labels + np.uint8(1)
-    tissue = detect_tissue(reader, mpp=choice.level_mpp).sample(Region(0, 0, *choice.target_shape), 1.0)
+    tissue_mask = detect_tissue(reader, mpp=choice.slide_mpp)
+    tissue = tissue_mask.sample(Region(0, 0, *choice.target_shape), choice.target_to_level0)
     reference[~tissue] = 0
 
     agreement = float(np.mean(stitched == reference))
@@ -64,14 +76,18 @@ def test_stitched_labels_equal_whole_image_inference(cmu, espnet_checkpoint, tmp
     assert on_tissue >= 0.995
 
 
+#: CMU at 2 um/px (resampled from level 0): a 740 x 554 mask in 3 x 3 tiles, a three-level pyramid, every
+#: output format. (At 1 um/px, GeoJSON alone took 15 s for the street-scene model's thousands of regions.)
+FULL_RUN = {"target_mpp": 2.0, "tile_size": 256, "halo": 96, "formats": frozenset(
+    {"ome-zarr", "ome-tiff", "geojson", "provenance"})}  # fmt: skip
+#: mm^2 of one mask pixel.
+PIXEL_MM2 = (FULL_RUN["target_mpp"] * 1e-3) ** 2
+
+
 @pytest.fixture(scope="module")
 def full_run(cmu, espnet_checkpoint, tmp_path_factory):
-    """CMU at 1 um/px (resampled from level 0), small tiles, every output format."""
-    options = SegmentOptions(
-        out_dir=tmp_path_factory.mktemp("full"), target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
-    )  # fmt: skip
-    return segment_slide(cmu, espnet_checkpoint, options)
+    """CMU segmented with the :data:`FULL_RUN` settings."""
+    return segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path_factory.mktemp("full"), **FULL_RUN))
 
 
 def test_provenance_records_inputs_settings_and_areas(full_run, cmu, espnet_checkpoint):
@@ -79,16 +95,16 @@ def test_provenance_records_inputs_settings_and_areas(full_run, cmu, espnet_chec
     assert record["input"]["sha256"] == hashlib.sha256(cmu.read_bytes()).hexdigest()
     assert record["model"]["sha256"] == hashlib.sha256(espnet_checkpoint.read_bytes()).hexdigest()
     assert record["resolution"]["resampled"] is True
-    assert record["resolution"]["effective_mpp"] == pytest.approx(1.0)
-    assert record["resolution"]["mask_shape"] == [1481, 1108]
-    assert (record["tiling"]["tile_size"], record["tiling"]["halo"]) == (512, 96)
+    assert record["resolution"]["effective_mpp"] == pytest.approx(2.0)
+    assert record["resolution"]["mask_shape"] == [740, 554]
+    assert (record["tiling"]["tile_size"], record["tiling"]["halo"]) == (256, 96)
     assert record["versions"]["torch"]
     assert record["versions"]["zarr"]
     assert record["timings_s"]["total"] >= record["timings_s"]["inference"] > 0
     labels = _labels(full_run)
     for entry in record["classes"]:
-        assert entry["area_mm2"] == pytest.approx(np.sum(labels == entry["value"]) * 1e-6)
-    assert record["tissue"]["segmented_area_mm2"] == pytest.approx(np.sum(labels > 0) * 1e-6)
+        assert entry["area_mm2"] == pytest.approx(np.sum(labels == entry["value"]) * PIXEL_MM2)
+    assert record["tissue"]["segmented_area_mm2"] == pytest.approx(np.sum(labels > 0) * PIXEL_MM2)
     assert 0.2 < record["tissue"]["fraction"] < 0.6
     assert LabelStore(full_run.outputs["ome-zarr"]).state()["status"] == "complete"
 
@@ -110,13 +126,13 @@ def test_ome_tiff_opens_as_a_pyramid_with_its_mpp(full_run):
     levels = len(LabelStore(full_run.outputs["ome-zarr"]).group("labels", "tissue_classes"))
     with tiffslide.TiffSlide(path) as slide:
         assert slide.level_count == levels
-        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(1.0)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(2.0)
         region = np.asarray(slide.read_region((0, 0), 0, slide.dimensions, as_array=True))
         values = region[..., 0] if region.ndim == 3 else region
         np.testing.assert_array_equal(values, _labels(full_run))
     with openslide.OpenSlide(path) as slide:
         assert slide.level_count == levels
-        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(2.0)
 
 
 def test_geojson_polygons_are_in_level0_slide_coordinates(full_run, cmu):
@@ -134,7 +150,7 @@ def test_geojson_polygons_are_in_level0_slide_coordinates(full_run, cmu):
     assert points[:, 0].max() <= width + 1
     assert points[:, 1].min() >= 0
     assert points[:, 1].max() <= height + 1
-    assert points[:, 0].max() > width / 2  # level-0 pixels, not mask pixels (the mask is half as large)
+    assert points[:, 0].max() > width / 2  # level-0 pixels, not mask pixels (the mask is a quarter as wide)
 
 
 def test_tissue_mask_is_saved(full_run):
@@ -146,14 +162,10 @@ def test_tissue_mask_is_saved(full_run):
 
 def test_a_complete_output_is_kept_and_other_settings_are_refused(full_run, cmu, espnet_checkpoint):
     out_dir = full_run.outputs["ome-zarr"].parent
-    options = SegmentOptions(
-        out_dir=out_dir, target_mpp=1.0, tile_size=512, halo=96, formats=frozenset(
-            {"ome-zarr", "ome-tiff", "geojson", "provenance"}),
-    )  # fmt: skip
-    again = segment_slide(cmu, espnet_checkpoint, options)
+    again = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, **FULL_RUN))
     assert again.skipped
     with pytest.raises(InputError, match="holds a finished run with other inputs or settings; pass overwrite=True"):
-        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=1.0, tile_size=1024))
+        segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=out_dir, target_mpp=2.0, tile_size=512))
 
 
 def test_tiles_sharing_a_window_run_it_once(cmu, espnet_checkpoint, tmp_path):
@@ -177,8 +189,10 @@ def test_a_slide_without_tissue_gives_an_empty_mask(espnet_checkpoint, tmp_path,
     assert result.outputs["ome-tiff"].is_file()
 
 
-def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_checkpoint, tmp_path, monkeypatch):
-    options = SegmentOptions(out_dir=tmp_path, target_mpp=2.0, tile_size=128, halo=64)
+def test_a_full_disk_leaves_the_output_incomplete_and_resumable(
+    cmu, espnet_checkpoint, small_tiles_reference, tmp_path, monkeypatch
+):
+    options = SegmentOptions(out_dir=tmp_path, **SMALL_TILES)  # 20 tissue tiles: the disk fills after 3
     write_tile = LabelStore.write_tile
     calls = []
 
@@ -201,22 +215,20 @@ def test_a_full_disk_leaves_the_output_incomplete_and_resumable(cmu, espnet_chec
     monkeypatch.setattr(LabelStore, "write_tile", write_tile)
     resumed = segment_slide(cmu, espnet_checkpoint, options)
     assert resumed.provenance["tiling"]["tiles_resumed"] == done_before
-    fresh = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "fresh", target_mpp=2.0,
-                                                                 tile_size=128, halo=64))  # fmt: skip
-    np.testing.assert_array_equal(_labels(resumed), _labels(fresh))
+    np.testing.assert_array_equal(_labels(resumed), small_tiles_reference)  # an uninterrupted run's labels
 
 
 @pytest.mark.slow
-def test_a_dask_cluster_with_worker_processes_gives_the_same_labels(cmu, espnet_checkpoint, tmp_path):
-    options = {"target_mpp": 2.0, "tile_size": 256, "halo": 64}
-    local = segment_slide(cmu, espnet_checkpoint, SegmentOptions(out_dir=tmp_path / "local", **options))
+def test_a_dask_cluster_with_worker_processes_gives_the_same_labels(cmu, espnet_checkpoint, segmented_cmu, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         remote = segment_slide(
             cmu, espnet_checkpoint,
-            SegmentOptions(out_dir=tmp_path / "cluster", scheduler=cluster.scheduler_address, **options),
+            SegmentOptions(out_dir=tmp_path / "cluster", scheduler=cluster.scheduler_address, **FAST),
         )  # fmt: skip
     assert remote.provenance["execution"]["scheduler"].startswith("tcp://")
-    np.testing.assert_array_equal(_labels(remote), _labels(local))
+    local = LabelStore(segmented_cmu / "CMU-1-Small-Region.mask.zarr")  # a run on the in-process cluster
+    assert local.state()["status"] == "complete"
+    np.testing.assert_array_equal(_labels(remote), local.labels()[...])
 
 
 def test_a_foreign_folder_in_the_way_is_never_deleted(cmu, espnet_checkpoint, tmp_path):
