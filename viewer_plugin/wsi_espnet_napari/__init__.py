@@ -1,9 +1,10 @@
 """wsi-espnet's napari plugin: slides as lazy multiscale images, our masks as Labels, a dock widget
-that segments the view, drawn shapes or the whole slide with the engine, and the sample slide.
+and the sample slide (the dock widget that segments the view, drawn shapes or the whole slide is in
+progress, issue 10).
 
 The napari manifest (``napari.yaml``) is found through the ``napari.manifest`` entry point of the
 ``wsi-espnet`` distribution; ``pip install "wsi-espnet[napari]"`` is all it needs. Nothing here
-imports Qt at import time except :mod:`.segment_widget`, which napari loads only when the widget opens.
+imports Qt.
 """
 
 from wsi_espnet_napari.layers import labels_layer, outputs_beside, slide_layer
