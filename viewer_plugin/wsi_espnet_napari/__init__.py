@@ -1,4 +1,4 @@
-"""wsi-espnet's napari plugin: slides as lazy multiscale images, our masks as Labels, a dock widget
+"""wsi-espnet's napari plugin: slides as lazy multiscale images, our masks as Labels,
 and the sample slide (the dock widget that segments the view, drawn shapes or the whole slide is in
 progress, issue 10).
 
