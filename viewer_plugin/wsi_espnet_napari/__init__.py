@@ -1,10 +1,9 @@
-"""wsi-espnet's napari plugin: slides as lazy multiscale images, our masks as Labels,
-and the sample slide (the dock widget that segments the view, drawn shapes or the whole slide is in
-progress, issue 10).
+"""wsi-espnet's napari plugin: slides as lazy multiscale images, our masks as Labels, a dock widget
+that segments the view, drawn shapes or the whole slide with the engine, and the sample slide.
 
 The napari manifest (``napari.yaml``) is found through the ``napari.manifest`` entry point of the
-``wsi-espnet`` distribution; ``pip install "wsi-espnet[napari]"`` is all it needs. Nothing here
-imports Qt.
+``wsi-espnet`` distribution; ``pip install "wsi-espnet[napari]"`` is all it needs. Only
+:mod:`.segment_widget` imports Qt, and napari loads it only when the widget opens.
 """
 
 from wsi_espnet_napari.layers import labels_layer, outputs_beside, slide_layer

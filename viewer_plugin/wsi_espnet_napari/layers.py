@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -26,7 +27,13 @@ from wsi_espnet.outputs.paths import OutputPaths
 from wsi_espnet.segmentation.label_values import NO_TISSUE, LabelClass
 from wsi_espnet.slides import SlideReader, open_slide, slide_level_dask
 
-__all__ = ["LayerData", "labels_colormap", "labels_features", "labels_layer", "outputs_beside", "slide_layer"]
+if TYPE_CHECKING:  # the reader must not import torch (the engine) just to open a file
+    from wsi_espnet.segmentation.region import RegionLabels
+
+__all__ = [
+    "LayerData", "labels_colormap", "labels_features", "labels_layer", "outputs_beside", "region_labels_layer",
+    "slide_layer",
+]  # fmt: skip
 
 #: napari's (data, kwargs, layer type) tuple.
 LayerData = tuple[Any, dict[str, Any], str]
@@ -74,25 +81,55 @@ def labels_layer(mask: str | os.PathLike[str] | LabelPyramid, *, name: str | Non
     """
     pyramid = mask if isinstance(mask, LabelPyramid) else read_label_pyramid(mask)
     levels = list(pyramid.levels)
-    scale = (pyramid.mpp, pyramid.mpp)
-    kwargs: dict[str, Any] = {
-        "name": name or _mask_name(pyramid),
-        "multiscale": len(levels) > 1,
+    kwargs = _labels_kwargs(
+        name or _mask_name(pyramid), pyramid.classes, mpp=pyramid.mpp, origin_um=(0.0, 0.0),
+        path=str(pyramid.path), complete=pyramid.complete,
+    )  # fmt: skip
+    return levels if len(levels) > 1 else levels[0], kwargs | {"multiscale": len(levels) > 1}, "labels"
+
+
+def region_labels_layer(
+    result: RegionLabels, classes: Sequence[LabelClass], *, name: str, **metadata: Any
+) -> LayerData:
+    """:func:`~wsi_espnet.segmentation.segment_region`'s labels as single-scale Labels lying over the slide.
+
+    ``result.region`` is on the target grid, so its top-left corner is at ``region.top * output_mpp``
+    micrometres; ``metadata`` (e.g. the run kind and class areas) joins the layer's ``wsi_espnet`` record.
+    """
+    mpp = result.output_mpp
+    origin_um = (result.region.top * mpp, result.region.left * mpp)
+    kwargs = _labels_kwargs(name, classes, mpp=mpp, origin_um=origin_um, path=None, complete=True)
+    kwargs["metadata"]["wsi_espnet"] |= {"target_to_level0": result.target_to_level0, **metadata}
+    return result.labels, kwargs, "labels"
+
+
+def _labels_kwargs(
+    name: str,
+    classes: Sequence[LabelClass],
+    *,
+    mpp: float,
+    origin_um: tuple[float, float],
+    path: str | None,
+    complete: bool,
+) -> dict[str, Any]:
+    """A class mask's Labels kwargs: pixels of ``mpp`` micrometres whose first corner is at ``origin_um``."""
+    scale = (mpp, mpp)
+    return {
+        "name": name,
         "scale": scale,
-        "translate": (scale[0] / 2, scale[1] / 2),
+        "translate": (origin_um[0] + scale[0] / 2, origin_um[1] + scale[1] / 2),
         "units": UNITS,
         "axis_labels": ("y", "x"),
-        "colormap": labels_colormap(pyramid.classes),
-        "features": labels_features(pyramid.classes),
+        "colormap": labels_colormap(classes),
+        "features": labels_features(classes),
         "opacity": 0.5,
         "metadata": {
             "wsi_espnet": {
-                "kind": "labels", "path": str(pyramid.path), "mpp": pyramid.mpp, "complete": pyramid.complete,
-                "classes": [(c.value, c.name, c.color) for c in pyramid.classes],
+                "kind": "labels", "path": path, "mpp": mpp, "complete": complete,
+                "classes": [(c.value, c.name, c.color) for c in classes],
             }
         },
     }  # fmt: skip
-    return levels if len(levels) > 1 else levels[0], kwargs, "labels"
 
 
 def _halved(level: da.Array) -> da.Array:
@@ -104,7 +141,7 @@ def _halved(level: da.Array) -> da.Array:
     return chunked
 
 
-def labels_colormap(classes: tuple[LabelClass, ...] | list[LabelClass]) -> DirectLabelColormap:
+def labels_colormap(classes: Sequence[LabelClass]) -> DirectLabelColormap:
     """Each class value in its colour, ``no tissue`` (0) and unknown values transparent."""
     colors: dict[int | None, Any] = {None: np.zeros(4)}
     for label in classes:
@@ -113,7 +150,7 @@ def labels_colormap(classes: tuple[LabelClass, ...] | list[LabelClass]) -> Direc
     return DirectLabelColormap(color_dict=colors)
 
 
-def labels_features(classes: tuple[LabelClass, ...] | list[LabelClass]) -> pd.DataFrame:
+def labels_features(classes: Sequence[LabelClass]) -> pd.DataFrame:
     """The Labels layer's feature table: one row per value, its ``class`` name (napari shows it on hover)."""
     return pd.DataFrame({"index": [c.value for c in classes], "class": [c.name for c in classes]})
 

@@ -5,11 +5,13 @@ Every step reads the store chunk by chunk; nothing here holds a whole level in m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from wsi_espnet.atomic_files import replacing
@@ -23,7 +25,9 @@ from wsi_espnet.segmentation.label_values import LabelClass
 from wsi_espnet.segmentation.planning import SlidePlan
 from wsi_espnet.tissue_detection import TissueMask
 
-__all__ = ["FinalisedOutputs", "build_pyramid", "class_areas", "write_derived_outputs", "write_tissue_outputs"]
+__all__ = [
+    "FinalisedOutputs", "build_pyramid", "class_areas", "label_areas", "write_derived_outputs", "write_tissue_outputs",
+]  # fmt: skip
 
 #: The GeoJSON is traced on the first pyramid level at most this many pixels.
 GEOJSON_MAX_PIXELS = 1 << 26
@@ -88,7 +92,15 @@ def write_derived_outputs(
 
 def class_areas(store: LabelStore, classes: list[LabelClass], mpp: float) -> dict[int, float]:
     """Area in mm^2 of each mask value, counted chunk by chunk on level 0."""
-    labels = da.from_zarr(store.labels())  # type: ignore[no-untyped-call]
-    counts = da.bincount(labels.ravel(), minlength=256).compute()
+    return label_areas(da.from_zarr(store.labels()), classes, mpp)  # type: ignore[no-untyped-call]
+
+
+def label_areas(labels: NDArray[np.uint8] | da.Array, classes: Sequence[LabelClass], mpp: float) -> dict[int, float]:
+    """Area in mm^2 of each class's value in a ``(H, W)`` uint8 mask of ``mpp`` micrometres per pixel
+    (numpy, or dask counted chunk by chunk)."""
+    if isinstance(labels, da.Array):
+        counts = da.bincount(labels.ravel(), minlength=256).compute()  # type: ignore[no-untyped-call]
+    else:
+        counts = np.bincount(np.ravel(labels), minlength=256)
     pixel_mm2 = (mpp / 1000.0) ** 2
     return {c.value: float(counts[c.value]) * pixel_mm2 for c in classes}

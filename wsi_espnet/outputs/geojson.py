@@ -42,6 +42,7 @@ def write_geojson(
     downsample: float,
     classes: Sequence[LabelClass],
     simplify_tolerance: float = 0.5,
+    origin: tuple[float, float] = (0.0, 0.0),
 ) -> Path:
     """Write one QuPath annotation Feature per class present in ``labels`` and return ``path``.
 
@@ -60,6 +61,9 @@ def write_geojson(
     simplify_tolerance : float
         Largest distance, in pixels of ``labels``, that simplification may move an outline
         (Douglas-Peucker); 0 keeps every vertex.
+    origin : (float, float)
+        ``(row, col)`` of ``labels[0, 0]`` on its grid when ``labels`` is a crop of a larger mask (a
+        region): pixel ``(r, c)`` then covers ``x in [(c + col) * downsample, ...)``.
     """
     path = Path(path)
     if (
@@ -73,6 +77,8 @@ def write_geojson(
         raise InputError(f"downsample={downsample!r} must be a positive number of level-0 pixels per mask pixel.")
     if not isinstance(simplify_tolerance, int | float) or not simplify_tolerance >= 0:
         raise InputError(f"simplify_tolerance={simplify_tolerance!r} must be a number of pixels >= 0.")
+    if len(origin) != 2 or not all(isinstance(v, int | float) and math.isfinite(v) for v in origin):
+        raise InputError(f"origin={origin!r} must be a (row, col) pair of finite numbers of mask pixels.")
     check_label_classes(classes, labels.dtype)
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist.")
@@ -82,7 +88,9 @@ def write_geojson(
     for label in classes:
         if label.value == NO_TISSUE:
             continue
-        polygons = _mask_polygons(mask == label.value, downsample=downsample, simplify_tolerance=simplify_tolerance)
+        polygons = _mask_polygons(
+            mask == label.value, downsample=downsample, simplify_tolerance=simplify_tolerance, origin=origin
+        )
         if not polygons:
             continue
         features.append(
@@ -102,10 +110,13 @@ def write_geojson(
     return path
 
 
-def _mask_polygons(mask: NDArray[np.bool_], *, downsample: float, simplify_tolerance: float) -> list[Polygon]:
+def _mask_polygons(
+    mask: NDArray[np.bool_], *, downsample: float, simplify_tolerance: float, origin: tuple[float, float]
+) -> list[Polygon]:
     """Outline the ``True`` regions of a ``(H, W)`` mask: one ``[exterior, hole, ...]`` per 4-connected region.
 
-    Rings are closed lists of ``[x, y]`` in level-0 pixels (``(col, row)`` pixel edges times ``downsample``).
+    Rings are closed lists of ``[x, y]`` in level-0 pixels (``(col, row)`` pixel edges, shifted by
+    ``origin``, times ``downsample``).
     """
     polygons = []
     regions = measure.label(mask, connectivity=1)  # type: ignore[no-untyped-call]
@@ -117,7 +128,7 @@ def _mask_polygons(mask: NDArray[np.bool_], *, downsample: float, simplify_toler
         contours = [_pixel_edges(contour, crop) for contour in measure.find_contours(crop, 0.5)]  # type: ignore[no-untyped-call]
         outer = int(np.argmax([abs(_signed_area(contour)) for contour in contours]))
         # Padded index i is row i - 1 + rows.start, and pixel edges lie half a pixel before centres.
-        offset = np.array([cols.start - 0.5, rows.start - 0.5])
+        offset = np.array([cols.start - 0.5 + origin[1], rows.start - 0.5 + origin[0]])
         polygon = []
         for index, contour in enumerate(contours):
             ring = _simplified(contour, simplify_tolerance)

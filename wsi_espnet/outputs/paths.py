@@ -27,8 +27,20 @@ class OutputPaths:
 
     @classmethod
     def for_slide(cls, slide: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> OutputPaths:
-        slide, out_dir = Path(slide), Path(out_dir)
-        stem = slide.name if slide.is_dir() else slide.stem
+        slide = Path(slide)
+        return cls._named(slide.name if slide.is_dir() else slide.stem, Path(out_dir))
+
+    @classmethod
+    def for_mask(cls, mask: str | os.PathLike[str]) -> OutputPaths:
+        """The outputs of the run that wrote ``mask`` (its ``<stem>.mask.zarr`` or ``<stem>.mask.ome.tiff``)."""
+        mask = Path(mask)
+        for suffix in (".mask.zarr", ".mask.ome.tiff"):
+            if mask.name.endswith(suffix) and len(mask.name) > len(suffix):
+                return cls._named(mask.name.removesuffix(suffix), mask.parent)
+        raise InputError(f"{mask} is not named <slide>.mask.zarr or <slide>.mask.ome.tiff as our masks are.")
+
+    @classmethod
+    def _named(cls, stem: str, out_dir: Path) -> OutputPaths:
         return cls(
             zarr=out_dir / f"{stem}.mask.zarr",
             ome_tiff=out_dir / f"{stem}.mask.ome.tiff",
