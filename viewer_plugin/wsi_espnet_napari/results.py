@@ -29,7 +29,7 @@ from wsi_espnet.geometry import Region
 from wsi_espnet.models import load_model
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.registry import resolve_model_path
-from wsi_espnet.outputs.finalise import GEOJSON_MAX_PIXELS, label_areas
+from wsi_espnet.outputs.finalise import geojson_level, label_areas
 from wsi_espnet.outputs.geojson import write_geojson
 from wsi_espnet.outputs.paths import OutputPaths
 from wsi_espnet.segment_slide import DEFAULT_FORMATS, SegmentOptions, segment_slide
@@ -126,7 +126,7 @@ def segment_whole_slide(
     result = segment_slide(slide, settings.model, options, on_progress=on_progress, cancel=cancel)
     data, kwargs, kind = labels_layer(result.outputs["ome-zarr"])
     classes = result.provenance.get("classes")
-    areas = {int(c["value"]): float(c["area_mm2"]) for c in classes} if classes else None
+    areas = _recorded_areas(classes) if classes else None
     kwargs["metadata"]["wsi_espnet"] |= {"run": "slide", "slide": str(Path(slide)), "areas_mm2": areas}
     return data, kwargs, kind
 
@@ -149,8 +149,7 @@ def layer_class_areas(layer: Any) -> dict[int, float] | None:
         return None
     try:
         provenance = OutputPaths.for_mask(record["path"]).provenance
-        classes = json.loads(provenance.read_text())["classes"]
-        return {int(c["value"]): float(c["area_mm2"]) for c in classes}
+        return _recorded_areas(json.loads(provenance.read_text())["classes"])
     except (InputError, OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -159,15 +158,14 @@ def export_geojson(labels: Any, slide: Any, path: str | os.PathLike[str]) -> Pat
     """Write one of our Labels layers as QuPath GeoJSON (one MultiPolygon per class) in level-0 pixels of
     the ``slide`` image layer it lies over, and return ``path``.
 
-    A multiscale layer is traced on its first level of at most :data:`GEOJSON_MAX_PIXELS`, as ``segment``
-    traces its GeoJSON.
+    A multiscale layer is traced on the level :func:`~wsi_espnet.outputs.finalise.geojson_level` picks,
+    as ``segment`` traces its GeoJSON.
     """
     classes = layer_classes(labels)
     if classes is None:
         raise InputError(f"layer {labels.name!r} is not a wsi-espnet mask; choose a result or mask layer to export.")
     levels = list(labels.data) if labels.multiscale else [labels.data]
-    index = next((i for i, level in enumerate(levels) if np.prod(level.shape[-2:]) <= GEOJSON_MAX_PIXELS), -1)
-    index %= len(levels)
+    index = geojson_level([level.shape for level in levels])
     # Levels halve (mode-downsampled 2 x 2 blocks), as the pyramid writer makes them.
     level_scale = np.asarray(labels.scale[-2:], dtype=float) * 2**index
     slide_scale = np.asarray(slide.scale[-2:], dtype=float)
@@ -213,6 +211,11 @@ def _check_size(regions: Sequence[Region], settings: RunSettings, config: ModelC
             f"{side} x {side} a region run holds in memory; zoom in, draw smaller shapes, or run the whole slide "
             "(written to disk)."
         )
+
+
+def _recorded_areas(classes: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Class value -> mm^2 from a provenance record's ``classes`` list."""
+    return {int(c["value"]): float(c["area_mm2"]) for c in classes}
 
 
 def _with_detail(on_progress: ProgressCallback, detail: str) -> ProgressCallback:

@@ -26,7 +26,8 @@ from wsi_espnet.segmentation.planning import SlidePlan
 from wsi_espnet.tissue_detection import TissueMask
 
 __all__ = [
-    "FinalisedOutputs", "build_pyramid", "class_areas", "label_areas", "write_derived_outputs", "write_tissue_outputs",
+    "FinalisedOutputs", "build_pyramid", "class_areas", "geojson_level", "label_areas", "write_derived_outputs",
+    "write_tissue_outputs",
 ]  # fmt: skip
 
 #: The GeoJSON is traced on the first pyramid level at most this many pixels.
@@ -84,10 +85,17 @@ def write_derived_outputs(
     if "ome-tiff" in formats and not (keep_existing and paths.ome_tiff.exists()):
         write_ome_tiff(levels, paths.ome_tiff, mpp=mpp, classes=classes)
     if "geojson" in formats and not (keep_existing and paths.geojson.exists()):
-        index = next((i for i, lvl in enumerate(levels) if lvl.shape[0] * lvl.shape[1] <= GEOJSON_MAX_PIXELS), -1)
+        index = geojson_level([lvl.shape for lvl in levels])
         downsample = plan.choice.target_to_level0 * 2**index
         write_geojson(levels[index], paths.geojson, downsample=downsample, classes=classes)
     return FinalisedOutputs(level_paths, class_areas(store, classes, mpp))
+
+
+def geojson_level(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Index of the pyramid level the GeoJSON is traced on: the first of at most :data:`GEOJSON_MAX_PIXELS`
+    pixels (over its last two axes), else the last."""
+    fitting = (i for i, shape in enumerate(shapes) if shape[-2] * shape[-1] <= GEOJSON_MAX_PIXELS)
+    return next(fitting, len(shapes) - 1)
 
 
 def class_areas(store: LabelStore, classes: list[LabelClass], mpp: float) -> dict[int, float]:
