@@ -145,3 +145,17 @@ def test_a_slide_stored_without_a_pyramid_gets_lazy_halved_levels(tmp_path):
     assert [level.shape for level in data] == [(4608, 4100, 3), (2304, 2050, 3)]
     expected = pixels[:512, :512].reshape(256, 2, 256, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
     assert np.array_equal(np.asarray(data[1][:256, :256]), expected)
+
+
+def test_a_damaged_slide_is_refused_with_the_libraries_message(make_napari_viewer, shared_data):
+    """napari shows a reader's ValueError as its message: ours, not a traceback from OpenSlide."""
+    bad = shared_data / "bad-inputs" / "malformed-wsi.dcm"
+    reader = get_reader(str(bad))
+    assert reader is not None  # a .dcm is ours to try, so the user hears why it cannot be opened
+    with pytest.raises(ValueError, match=r"OpenSlide cannot open .*malformed-wsi.dcm") as caught:
+        reader(str(bad))
+    assert "Expected a slide in a format OpenSlide reads" in str(caught.value)
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match=r"OpenSlide cannot open"):
+        viewer.open(bad, plugin=PLUGIN)
+    assert len(viewer.layers) == 0
