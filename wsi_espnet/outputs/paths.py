@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def prepare_out_dir(slide: Path, out_dir: Path | None) -> Path:
     out_dir = (out_dir or slide.parent).absolute()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".wsi-espnet-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A unique probe name: slides of one batch run in threads of one process (and on hosts sharing the
+        # folder), and a shared name let one run delete another's probe mid-check.
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".wsi-espnet-write-test-"):
+            pass
     except OSError as exc:
         raise InputError(
             f"cannot write to output folder {str(out_dir)!r}: {exc.strerror or exc}; give an output folder you "
