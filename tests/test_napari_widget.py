@@ -282,6 +282,9 @@ def test_the_canvas_shows_the_mask_colours_over_the_tissue(qtbot, viewer_widget,
     folder.mkdir(parents=True, exist_ok=True)
     artefact = folder / "napari-widget-region.png"
     Image.fromarray(shot).save(artefact)
+    qtbot.wait(100)  # the legend's rows show on the next turn of the event loop
+    legend = [widget.legend_grid.itemAt(i).widget() for i in range(widget.legend_grid.count())]
+    assert legend and all(label.isVisible() for label in legend)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(folder / "napari-widget-window.png")
     print(f"screenshot: {artefact}")
 
