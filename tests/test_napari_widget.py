@@ -284,7 +284,8 @@ def test_the_canvas_shows_the_mask_colours_over_the_tissue(qtbot, viewer_widget,
     Image.fromarray(shot).save(artefact)
     qtbot.wait(100)  # the legend's rows show on the next turn of the event loop
     legend = [widget.legend_grid.itemAt(i).widget() for i in range(widget.legend_grid.count())]
-    assert legend and all(label.isVisible() for label in legend)
+    assert legend
+    assert all(label.isVisible() for label in legend)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(folder / "napari-widget-window.png")
     print(f"screenshot: {artefact}")
 
@@ -306,3 +307,59 @@ def _notifications(severity) -> list[str]:
 def _ring_area(ring) -> float:
     x, y = np.array(ring).T
     return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2
+
+
+def _answer_file_dialog(path: Path) -> list[str]:
+    """Answer the next modal file dialog as a user does: type ``path`` into its file-name field and press
+    its Open/Choose/Save button. The returned list gets the dialog's title."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication, QDialogButtonBox, QFileDialog, QLineEdit
+
+    seen: list[str] = []
+
+    def answer() -> None:
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, QFileDialog):
+            QTimer.singleShot(50, answer)  # not open yet
+            return
+        seen.append(dialog.windowTitle())
+        dialog.findChild(QLineEdit, "fileNameEdit").setText(str(path))
+        buttons = dialog.findChild(QDialogButtonBox)
+        kinds = (QDialogButtonBox.StandardButton.Open, QDialogButtonBox.StandardButton.Save)
+        next(b for b in map(buttons.button, kinds) if b is not None).click()
+
+    QTimer.singleShot(50, answer)
+    return seen
+
+
+def test_the_file_dialogs_choose_a_model_an_output_folder_and_an_export_path(qtbot, viewer_widget, tmp_path):
+    from qtpy.QtWidgets import QPushButton
+
+    viewer, _, widget = viewer_widget
+    buttons = {b.text(): b for b in widget.findChildren(QPushButton)}
+    checkpoint = tmp_path / "my-model.safetensors"
+    checkpoint.write_bytes(resolve_model_path(DEFAULT_MODEL).read_bytes())
+    seen = _answer_file_dialog(checkpoint)
+    qtbot.mouseClick(buttons["File…"], _left_button())
+    assert seen == ["ESPNet checkpoint"]
+    assert widget.settings().model == str(checkpoint)
+    assert widget.model_combo.currentText() == "my-model.safetensors"
+
+    widget.run_kind = "slide"
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    seen = _answer_file_dialog(folder)
+    qtbot.mouseClick(buttons["Browse…"], _left_button())
+    assert seen == ["Output folder"]
+    assert Path(widget.out_edit.text()) == folder
+
+    widget.run_kind = "view"
+    _view(viewer, center_um=(700.0, 600.0), zoom=1.2)
+    _run(qtbot, widget)  # with the checkpoint chosen through the dialog
+    target = tmp_path / "from-dialog.geojson"
+    seen = _answer_file_dialog(target)
+    qtbot.mouseClick(buttons["Export GeoJSON for QuPath…"], _left_button())
+    assert seen == ["Export GeoJSON"]
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    collection = json.loads(target.read_text())
+    assert [f["properties"]["classification"]["name"] for f in collection["features"]] == ["other tissue", "tumour"]
