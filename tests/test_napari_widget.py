@@ -5,8 +5,10 @@ errors as notifications, and what the canvas shows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ if not os.environ.get("DISPLAY") and os.environ.get("CI") != "true":
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from PIL import Image
+from wsi_espnet_napari.results import RegionPlans, RunSettings
 from wsi_espnet_napari.segment_widget import SegmentWidget
 
 from wsi_espnet.geometry import Region
@@ -26,6 +29,7 @@ from wsi_espnet.models.registry import DEFAULT_MODEL, resolve_model_path
 from wsi_espnet.outputs.label_pyramid import read_label_pyramid
 from wsi_espnet.segmentation import segment_region
 from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.segmentation.region import measured_halo
 from wsi_espnet.slides import open_slide
 
 PLUGIN = "wsi-espnet"
@@ -210,6 +214,7 @@ def test_the_legend_and_the_geojson_export_describe_the_region(qtbot, viewer_wid
     layer = widget.results["view"]
     assert first not in viewer.layers
     assert [type(x).__name__ for x in viewer.layers] == ["Image", "Labels"]
+    assert np.array_equal(layer.data, first.data)  # the second run reused the first one's slide plan
 
     # Class swatches, names and areas in mm^2 that add up to the region's tissue.
     names = [name for name, _, _ in widget.legend_rows]
@@ -246,6 +251,30 @@ def test_the_legend_and_the_geojson_export_describe_the_region(qtbot, viewer_wid
         assert region.top - to_level0 <= top < bottom <= region.bottom + to_level0
         level0_pixels = sum(_ring_area(p[0]) - sum(_ring_area(hole) for hole in p[1:]) for p in polygons)
         assert level0_pixels * (slide.scale[-1] / 1000) ** 2 == pytest.approx(area, rel=0.05)
+
+
+def test_region_runs_reuse_the_slide_plan_until_the_slide_or_the_settings_change(engine, slide_path, tmp_path):
+    _, model, config = engine
+    slide = tmp_path / SLIDE
+    shutil.copyfile(slide_path, slide)
+    settings = RunSettings(DEFAULT_MODEL, MPP, TILE)
+    plans = RegionPlans(size=2)
+    first = plans.plan(slide, settings, model, config)
+    assert plans.plan(slide, settings, model, config) is first
+    assert first.tiles.halo == measured_halo(model, config)
+    assert first.choice.output_mpp == pytest.approx(MPP, rel=0.1)
+    coarser = plans.plan(slide, dataclasses.replace(settings, target_mpp=2 * MPP), model, config)
+    assert coarser is not first
+    assert coarser.choice.output_mpp > first.choice.output_mpp
+    assert plans.plan(slide, dataclasses.replace(settings, tile_size=TILE // 2), model, config) is not first
+    assert plans.plan(slide, settings, model, config) is not first  # the oldest of three was dropped
+    stat = slide.stat()
+    os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed on disk
+    again = plans.plan(slide, settings, model, config)
+    assert again is not plans.plan(slide, dataclasses.replace(settings, tile_size=TILE // 2), model, config)
+    assert plans.plan(slide, settings, model, config) is again
+    plans.clear()
+    assert plans.plan(slide, settings, model, config) is not again
 
 
 def test_errors_are_notifications_with_the_message(qtbot, viewer_widget, tmp_path):

@@ -26,7 +26,7 @@ from wsi_espnet.segmentation.tile_inference import InferenceSettings, label_tile
 from wsi_espnet.slides import SlideReader
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions
 
-__all__ = ["RegionLabels", "segment_region"]
+__all__ = ["RegionLabels", "measured_halo", "segment_region"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,7 @@ def segment_region(
     """
     halo_source = "given"
     if halo is None:
-        # Measured as segment_slide measures it: on a CPU fp32 copy (a GPU's TF32 could round it otherwise).
-        cpu_model = copy.deepcopy(model).cpu()
-        halo, halo_source = cached_halo_for(cpu_model, model_sha256(cpu_model, config)), HALO_SOURCE
+        halo, halo_source = measured_halo(model, config), HALO_SOURCE
     if plan is None:
         plan = plan_slide(
             reader, config, halo=halo, target_mpp=target_mpp, tolerance=tolerance, tile_size=tile_size, tissue=tissue
@@ -122,6 +120,13 @@ def segment_region(
     return RegionLabels(
         labels, target, plan.choice.output_mpp, plan.choice.target_to_level0, plan.tiles.halo, halo_source
     )
+
+
+def measured_halo(model: nn.Module, config: ModelConfig) -> int:
+    """The halo ``segment_slide`` measures for ``model`` (cached by its weights), for a region run or a
+    plan made ahead of one: measured on a CPU fp32 copy, as a GPU's TF32 could round it otherwise."""
+    cpu_model = copy.deepcopy(model).cpu()
+    return cached_halo_for(cpu_model, model_sha256(cpu_model, config))
 
 
 def _overlap(a: Region, b: Region) -> tuple[slice, slice] | None:
