@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from dask.utils import key_split
-from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, get_task_stream
 from distributed.system import MEMORY_LIMIT
 
 from wsi_espnet.batch import load_pipeline, pipeline_from_inputs, run_pipeline
-from wsi_espnet.batch.clusters import job_script, open_client, task_resources
+from wsi_espnet.batch.clusters import DEFAULT_START_TIMEOUT_S, job_script, open_client, task_resources, worker_wait_s
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 from wsi_espnet.segment_slide import SegmentOptions, segment_slide
@@ -136,6 +136,31 @@ def test_tasks_that_need_a_resource_no_worker_offers_are_explained(shared_data, 
     assert outcome.status == "failed"
     assert "no Dask worker offers the resources the tasks need (GPU=1)" in outcome.reason
     assert "dask worker --resources GPU=1" in outcome.reason
+
+
+def test_a_job_queue_pipeline_waits_its_start_timeout_for_workers_not_the_engines_default(
+    shared_data, espnet_checkpoint, tmp_path
+):
+    # Worker jobs that ended at their walltime are replaced through the queue, which can take longer than
+    # the engine's 120 s: a slide starting meanwhile waits as long as the pipeline lets the first job start.
+    assert worker_wait_s(ClusterSpec("slurm", {"cores": 1, "memory": "1GB"})) == DEFAULT_START_TIMEOUT_S
+    assert worker_wait_s(ClusterSpec("pbs", {"cores": 1, "memory": "1GB", "start_timeout": 900})) == 900
+    assert worker_wait_s(ClusterSpec("kubernetes", {"image": "i", "volumes": [], "startup_timeout": 30})) == 30
+    assert worker_wait_s(ClusterSpec("local", {})) is None
+    assert worker_wait_s(ClusterSpec("scheduler", {"address": "tcp://h:1"})) is None
+
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    spec = ClusterSpec("slurm", {"cores": 1, "memory": "1GB", "start_timeout": 1})
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster,  # a queue with no job running
+        Client(cluster) as client,
+    ):
+        pipeline = pipeline_from_inputs(slide, tmp_path / "out", model=str(espnet_checkpoint),
+                                        options=SegmentOptions(**FAST), cluster=spec)  # fmt: skip
+        report = run_pipeline(pipeline, client=client)
+    (outcome,) = report.outcomes
+    assert outcome.status == "failed"
+    assert "no Dask worker joined the scheduler within 1 s" in outcome.reason  # not the engine's 120 s
 
 
 def test_gpu_settings_become_task_resources_and_are_checked_against_the_machine():

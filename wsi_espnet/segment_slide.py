@@ -184,6 +184,7 @@ def segment_slide(
     cancel: threading.Event | None = None,
     logger: logging.Logger | None = None,
     resources: Mapping[str, float] | None = None,
+    worker_wait_s: float | None = None,
 ) -> SegmentationResult:
     """Segment ``slide`` with ``model`` (a checkpoint path, a packaged model's name, a loaded
     ``(model, config)``, or None for the packaged default); see the module docstring.
@@ -194,6 +195,8 @@ def segment_slide(
     in flight (the store stays resumable) and raises :class:`~wsi_espnet.errors.Cancelled`.
     ``resources`` are Dask worker resources each tile task needs, e.g. ``{"GPU": 1}`` on a cluster
     whose GPU workers were started with ``--resources GPU=1`` (one task per GPU at a time).
+    ``worker_wait_s`` is how long to wait for such a worker when the cluster has none (default
+    :data:`~wsi_espnet.segmentation.running.WORKER_WAIT_S`).
 
     Raises :class:`~wsi_espnet.errors.WsiEspnetError` subclasses for every user mistake; outputs of
     a failed run are left marked incomplete (and resumable), never looking finished.
@@ -282,6 +285,7 @@ def segment_slide(
                 stats = run_tiles(
                     plan, settings, store, client=run_client, batch_size=options.batch_size,
                     weights=resolved.weights, on_progress=on_progress, cancel=cancel, resources=resources,
+                    worker_wait_s=worker_wait_s,
                 )  # fmt: skip
                 timings["inference"] = time.perf_counter() - t0
                 check_cancelled(cancel, name)

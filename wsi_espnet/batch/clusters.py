@@ -24,11 +24,13 @@ from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
-from wsi_espnet.batch.kubernetes import open_kubernetes_client
+from wsi_espnet.batch.kubernetes import DEFAULT_STARTUP_TIMEOUT_S, open_kubernetes_client
 from wsi_espnet.batch.pipeline import ClusterSpec
 from wsi_espnet.errors import InputError
 
-__all__ = ["DEFAULT_START_TIMEOUT_S", "GPU_RESOURCE", "job_script", "open_client", "task_resources"]
+__all__ = [
+    "DEFAULT_START_TIMEOUT_S", "GPU_RESOURCE", "job_script", "open_client", "task_resources", "worker_wait_s",
+]  # fmt: skip
 
 #: The Dask resource a GPU worker offers and each tile task on it takes (one task per GPU at a time).
 GPU_RESOURCE = "GPU"
@@ -47,6 +49,17 @@ def task_resources(spec: ClusterSpec) -> dict[str, float] | None:
         return {GPU_RESOURCE: 1}
     if spec.kind == "kubernetes" and settings.get("gpus_per_worker", 0) > 0:
         return {GPU_RESOURCE: 1}
+    return None
+
+
+def worker_wait_s(spec: ClusterSpec) -> float | None:
+    """How long a slide waits for a worker when ``spec``'s cluster has none: a job queue's or Kubernetes'
+    start-up timeout (jobs that ended at their walltime are replaced through the queue, which can take
+    minutes); None (the engine's default) for a local cluster or an existing scheduler."""
+    if spec.kind in ("slurm", "pbs"):
+        return float(spec.settings.get("start_timeout", DEFAULT_START_TIMEOUT_S))
+    if spec.kind == "kubernetes":
+        return float(spec.settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT_S))
     return None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from distributed import Client, KilledWorker
 
 from wsi_espnet import __version__
-from wsi_espnet.batch.clusters import open_client, task_resources
+from wsi_espnet.batch.clusters import open_client, task_resources, worker_wait_s
 from wsi_espnet.batch.cohort import CohortSlide
 from wsi_espnet.batch.pipeline import Pipeline
 from wsi_espnet.batch.report import BatchReport, SlideOutcome, SlideStatus
@@ -160,7 +160,7 @@ def _run_slide(
             try:
                 result = segment_slide(
                     slide.path, model, options, client=client, on_progress=on_progress, cancel=cancel,
-                    resources=task_resources(pipeline.cluster),
+                    resources=task_resources(pipeline.cluster), worker_wait_s=worker_wait_s(pipeline.cluster),
                 )  # fmt: skip
                 break
             except InputError as exc:

@@ -29,7 +29,7 @@ from wsi_espnet.tiling import Tile
 
 __all__ = ["RunStats", "local_client", "run_tiles"]
 
-#: How long a run waits for the first worker of an external cluster.
+#: How long a run waits, by default, for a worker of an external cluster when none is there.
 WORKER_WAIT_S = 120
 
 
@@ -71,6 +71,7 @@ def run_tiles(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     resources: Mapping[str, float] | None = None,
+    worker_wait_s: float | None = None,
 ) -> RunStats:
     """Segment the plan's tissue tiles that ``store`` has not flagged done, on ``client``'s cluster.
 
@@ -78,12 +79,14 @@ def run_tiles(
     once. ``on_progress`` receives a ``"tiles"`` event per finished task; setting ``cancel`` stops the
     run after the tasks in flight and raises :class:`~wsi_espnet.errors.Cancelled`. ``resources``
     are Dask worker resources every task needs (``{"GPU": 1}``: tasks run only on workers started
-    with ``--resources GPU=1``, one at a time per GPU).
+    with ``--resources GPU=1``, one at a time per GPU). When no such worker is there, the run waits
+    ``worker_wait_s`` (default :data:`WORKER_WAIT_S`) for one: a job-queue cluster's replacement
+    jobs may sit in the queue for minutes.
 
     Raises
     ------
     InputError : a worker died or a GPU ran out of memory (the message says what to lower), or no
-        worker joined the cluster.
+        worker joined the cluster within ``worker_wait_s``.
     Cancelled : ``cancel`` was set.
     """
     done = store.done_tiles()
@@ -100,7 +103,7 @@ def run_tiles(
     results: list[TileGroupResult] = []
     if groups:
         check_cancelled(cancel, plan.slide_name)
-        _wait_for_workers(client, resources)
+        _wait_for_workers(client, resources, WORKER_WAIT_S if worker_wait_s is None else worker_wait_s)
         shipped = client.scatter(weights, broadcast=True, hash=False) if weights is not None else None
 
         def submit(group: list[Tile]) -> Future[TileGroupResult]:
@@ -148,9 +151,9 @@ def run_tiles(
     )
 
 
-def _wait_for_workers(client: Client, resources: Mapping[str, float] | None = None) -> None:
-    """Wait for a worker (one offering ``resources``, when given) to join, or explain why none will."""
-    deadline = time.monotonic() + WORKER_WAIT_S
+def _wait_for_workers(client: Client, resources: Mapping[str, float] | None, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for a worker (one offering ``resources``, when given), or explain why none came."""
+    deadline = time.monotonic() + wait_s
     while True:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         if any(_offers(w.get("resources") or {}, resources) for w in workers):
@@ -167,7 +170,7 @@ def _wait_for_workers(client: Client, resources: Mapping[str, float] | None = No
             "(one per GPU), or run without them, then rerun the same command to resume."
         )
     raise InputError(
-        f"no Dask worker joined the scheduler within {WORKER_WAIT_S} s; start workers (or check the "
+        f"no Dask worker joined the scheduler within {wait_s:g} s; start workers (or check the "
         "cluster), then rerun the same command to resume."
     )
 
