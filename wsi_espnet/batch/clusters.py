@@ -81,10 +81,10 @@ def open_client(
             yield client
     elif spec.kind in ("slurm", "pbs"):
         with (
-            _job_queue_cluster(spec.kind, spec.settings, job_log_directory) as (cluster, timeout, logs),
+            _job_queue_cluster(spec.kind, spec.settings, job_log_directory) as (cluster, logs),
             Client(cluster) as client,
         ):
-            _wait_for_first_worker(client, spec.kind, timeout, logs)
+            _wait_for_first_worker(client, spec.kind, worker_wait_s(spec) or DEFAULT_START_TIMEOUT_S, logs)
             yield client
     elif spec.kind == "kubernetes":
         with open_kubernetes_client(spec.settings, name=name) as client:
@@ -185,8 +185,8 @@ def _job_queue_class(kind: str) -> Any:
 @contextlib.contextmanager
 def _job_queue_cluster(
     kind: str, settings: Mapping[str, Any], job_log_directory: Path | None
-) -> Iterator[tuple[Any, float, str | None]]:
-    """A dask-jobqueue SLURMCluster / PBSCluster kept at ``jobs`` jobs, its start timeout and log folder."""
+) -> Iterator[tuple[Any, str | None]]:
+    """A dask-jobqueue SLURMCluster / PBSCluster kept at ``jobs`` jobs, and its log folder."""
     cls = _job_queue_class(kind)
     kwargs = _job_queue_kwargs(kind, settings, job_log_directory)
     submit = "sbatch" if kind == "slurm" else "qsub"
@@ -205,7 +205,7 @@ def _job_queue_cluster(
         jobs = settings.get("jobs", 1)
         # adapt, not scale: a job that ends early (walltime, preemption, a node lost) is resubmitted.
         cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
-        yield cluster, float(settings.get("start_timeout", DEFAULT_START_TIMEOUT_S)), kwargs.get("log_directory")
+        yield cluster, kwargs.get("log_directory")
 
 
 def _job_queue_kwargs(kind: str, settings: Mapping[str, Any], job_log_directory: Path | None) -> dict[str, Any]:
