@@ -40,6 +40,12 @@ __all__ = ["PARTIAL_FAILURE", "main"]
 
 #: Exit code of ``batch`` when some slides failed and the others were done.
 PARTIAL_FAILURE = 4
+#: wsi_espnet.inference.runtimes.RUNTIMES, spelt out so that parsing arguments does not import torch.
+RUNTIMES = ("auto", "torch", "openvino", "onnx")
+RUNTIME_HELP = (
+    "where the model runs: auto (on a CPU, the fastest of torch and openvino whose labels agree with PyTorch "
+    "fp32 on a check of the first window; torch on a GPU), torch, openvino or onnx (default auto)"
+)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -124,6 +130,7 @@ def _segment_options(args: argparse.Namespace) -> SegmentOptions:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         tissue=TissueOptions(enabled=not args.no_tissue_detection, threshold=args.tissue_threshold),
         overwrite=args.overwrite,
         scheduler=args.scheduler,
@@ -151,6 +158,11 @@ def _print_summary(result: SegmentationResult, *, quiet: bool) -> None:
             f"({record['tiling']['tiles_with_tissue']} with tissue, {record['tiling']['tiles_resumed']} resumed), "
             f"model {record['execution']['model_forward_s']:.1f} s"
         )
+        execution = record["execution"]
+        if execution.get("runtime"):
+            agreement = execution.get("runtime_agreement")
+            checked = f", labels agree with PyTorch fp32 on {agreement:.3%} of the check" if agreement else ""
+            print(f"runtime: {', '.join(execution['runtime'])} ({execution.get('runtime_requested')}{checked})")
 
 
 def _log(message: str) -> None:
@@ -264,7 +276,7 @@ def _batch_pipeline(args: argparse.Namespace) -> Pipeline:
         pipeline = pipeline_from_inputs(args.input, args.out)
     changes: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("target_mpp", "tile_size", "halo", "batch_size", "device", "precision")
+        for name in ("target_mpp", "tile_size", "halo", "batch_size", "device", "precision", "runtime")
         if getattr(args, name) is not None
     }
     if args.format is not None:
@@ -386,7 +398,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model, config = load_model(_model_path(args.model), device=placement.device)
     if config.target_mpp is not None and args.mpp is None:
         _log(f"the model expects {config.target_mpp:g} um/px; images are used as they are (pass --mpp to resample)")
-    for result in predict_image_files(model, config, args.images, args.out, mpp=args.mpp, alpha=args.alpha):
+    for result in predict_image_files(
+        model, config, args.images, args.out, mpp=args.mpp, alpha=args.alpha, runtime=args.runtime
+    ):
         shares = sorted(zip(result.class_fractions, config.class_names, strict=True), reverse=True)
         classes = ", ".join(f"{name} {share:.1%}" for share, name in shares if share >= 0.0005)
         resampled = f" (segmented at x{result.scale:.3g})" if result.scale != 1.0 else ""
@@ -504,6 +518,7 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per model call (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     parser.add_argument("--no-tissue-detection", action="store_true", help="segment the whole slide, glass included")
     parser.add_argument("--tissue-threshold", type=float, default=None, help="saturation threshold 0-1 (default Otsu)")
     parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
@@ -590,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-size", type=int, default=None, help="tiles per model call (default 1)")
     batch.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
     batch.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    batch.add_argument("--runtime", default=None, choices=RUNTIMES, help=RUNTIME_HELP)
     batch.add_argument("--no-tissue-detection", action="store_true", help="segment whole slides, glass included")
     batch.add_argument("--overwrite", action="store_true", help="recompute slides that are already complete")
     batch.add_argument("--quiet", action="store_true", help="no progress bar, no per-slide lines, no summary")
@@ -607,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--mpp", type=float, default=None, help="the images' um/px (resampled to the model's)")
     predict.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    predict.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     predict.set_defaults(run=_cmd_predict)
 
     train = commands.add_parser("train", help="train ESPNet on a dataset manifest with MONAI engines")

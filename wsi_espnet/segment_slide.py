@@ -34,6 +34,7 @@ from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.devices import check_device_spec, check_precision
 from wsi_espnet.errors import InputError, WsiEspnetError
+from wsi_espnet.inference.runtimes import check_runtime
 from wsi_espnet.models.checkpoint_io import file_sha256, load_model, model_bytes
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.receptive_field import HALO_SOURCE, cached_halo_for
@@ -82,6 +83,8 @@ class SegmentOptions:
     batch_size : tiles per model call.
     device : "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
     precision : "auto" (fp16 autocast on CUDA, fp32 on CPU), "fp32", "fp16", "bf16".
+    runtime : "auto" (on a CPU, the fastest of PyTorch and OpenVINO whose labels agree with PyTorch fp32 on
+        the first window; see :mod:`wsi_espnet.inference.runtimes`), "torch", "openvino", "onnx".
     tissue : tissue detection options.
     overwrite : replace existing outputs (complete or not) instead of refusing / resuming.
     scheduler : address of an existing dask.distributed scheduler; None starts a local one.
@@ -100,6 +103,7 @@ class SegmentOptions:
     batch_size: int = 1
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "auto"
     tissue: TissueOptions = field(default_factory=TissueOptions)
     overwrite: bool = False
     scheduler: str | None = None
@@ -133,6 +137,7 @@ class SegmentOptions:
             raise InputError(f"batch size {self.batch_size} must be >= 1.")
         check_precision(self.precision)
         check_device_spec(self.device)
+        check_runtime(self.runtime)
         if self.workers is not None and self.workers < 1:
             raise InputError(f"workers {self.workers} must be >= 1.")
         for name in ("mpp", "target_mpp"):
@@ -277,7 +282,12 @@ def segment_slide(
         # "auto" device and precision are resolved on each worker, which may have a GPU the caller lacks.
         model_path = resolved.identity.path
         settings = InferenceSettings(
-            model_path, resolved.identity.sha256, options.device, options.precision, channels_last=True
+            model_path,
+            resolved.identity.sha256,
+            options.device,
+            options.precision,
+            channels_last=True,
+            runtime=options.runtime,
         )
         t0 = time.perf_counter()
         try:
@@ -320,6 +330,8 @@ def segment_slide(
             execution={
                 "scheduler": scheduler, "device": list(stats.devices) or [options.device],
                 "precision": list(stats.precisions) or [options.precision],
+                "runtime": list(stats.runtimes) or [options.runtime], "runtime_requested": options.runtime,
+                "runtime_agreement": stats.runtime_agreement, "runtime_checks": list(stats.runtime_checks),
             },
         )  # fmt: skip
         if previous_record is not None:
@@ -424,6 +436,7 @@ def _run_key(slide: Path, model_sha: str, plan: SlidePlan, options: SegmentOptio
         "mpp": options.mpp,
         "device": options.device,
         "precision": options.precision,
+        "runtime": options.runtime,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -121,6 +121,7 @@ def _segment_options(raw: dict[str, Any], *, overwrite: bool) -> SegmentOptions:
         batch_size=raw.get("batch_size", 1),
         device=raw.get("device", "auto"),
         precision=raw.get("precision", "auto"),
+        runtime=raw.get("runtime", "auto"),
         tissue=tissue,
         overwrite=overwrite,
     )

@@ -109,16 +109,28 @@ def predict(
     *,
     config: ModelConfig | None = None,
     return_probabilities: bool = False,
+    runtime: str = "torch",
 ) -> Prediction:
     """Segment one ``(H, W, 3)`` uint8 RGB image with ``model``, on the model's device.
 
-    ``config`` defaults to ``model.config`` (set by every builder and loader).
+    ``config`` defaults to ``model.config`` (set by every builder and loader). ``runtime`` is where the
+    forward pass runs (:mod:`wsi_espnet.inference.runtimes`; "torch" runs the model as it is, the others
+    compile it once per model object, so its weights must not change afterwards).
     """
     config = config or getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise InputError("the model carries no ModelConfig; pass config= (from load_model or create_model).")
     batch = preprocess(image, config.preprocessing)
-    logits = predict_logits(model, batch)[0]
+    if runtime == "torch":
+        logits = predict_logits(model, batch)[0]
+    else:
+        from wsi_espnet.devices import resolve
+        from wsi_espnet.inference.runtimes import model_runtime
+
+        placement = resolve(str(next(model.parameters()).device), "fp32")
+        model.eval()
+        with torch.inference_mode():
+            logits = padded_forward(model_runtime(model, placement, runtime).logits, batch)[0].float()
     dtype = np.uint8 if config.num_classes <= 256 else np.uint16
     labels: NDArray[np.integer] = logits.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)
     probabilities = logits.softmax(0).float().cpu().numpy() if return_probabilities else None

@@ -22,6 +22,7 @@ from torch import nn
 from wsi_espnet.atomic_files import write_atomically
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference.predict import predict, resize_image
+from wsi_espnet.inference.runtimes import check_runtime
 from wsi_espnet.models.config import ModelConfig
 
 __all__ = ["PredictedImage", "predict_image_files"]
@@ -62,6 +63,7 @@ def predict_image_files(
     *,
     mpp: float | None = None,
     alpha: float = 0.5,
+    runtime: str = "torch",
 ) -> list[PredictedImage]:
     """Segment each image file in ``paths`` with ``model`` (on its device) and write its PNGs to ``out_dir``.
 
@@ -75,10 +77,13 @@ def predict_image_files(
         differs by more than 1 %, each image is resampled (antialiased) to the model's scale, segmented
         there, and the labels are resized back (nearest neighbour). Without it images are used as they are.
     alpha : opacity of the class colours in the overlay, 0 (image only) to 1 (colours only).
+    runtime : where the model runs ("auto", "torch", "openvino", "onnx"; see
+        :mod:`wsi_espnet.inference.runtimes`); "auto" checks the paths on the first image.
 
     Every input is checked (exists, is an image, unique stem) before the first one is segmented.
     Raises :class:`InputError` with what to fix otherwise.
     """
+    check_runtime(runtime)
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha={alpha} is not an opacity; give a value from 0 (image only) to 1 (colours only).")
     if mpp is not None and not 0 < mpp < math.inf:
@@ -105,7 +110,7 @@ def predict_image_files(
     scale = 1.0
     if mpp is not None and config.target_mpp is not None and abs(mpp / config.target_mpp - 1) > MPP_TOLERANCE:
         scale = mpp / config.target_mpp
-    return [_predict_one(model, config, source, out, scale=scale, alpha=alpha) for source in sources]
+    return [_predict_one(model, config, source, out, scale=scale, alpha=alpha, runtime=runtime) for source in sources]
 
 
 def _check_image_file(path: Path) -> None:
@@ -142,14 +147,14 @@ def _read_rgb(path: Path) -> Image.Image:
 
 
 def _predict_one(
-    model: nn.Module, config: ModelConfig, source: Path, out_dir: Path, *, scale: float, alpha: float
+    model: nn.Module, config: ModelConfig, source: Path, out_dir: Path, *, scale: float, alpha: float, runtime: str
 ) -> PredictedImage:
     image = _read_rgb(source)
     width, height = image.size
     model_input = image
     if scale != 1.0:
         model_input = resize_image(image, scale)  # exactly as the training data was resampled
-    labels = predict(model, np.asarray(model_input), config=config).labels
+    labels = predict(model, np.asarray(model_input), config=config, runtime=runtime).labels
     if labels.shape != (height, width):
         labels = np.asarray(Image.fromarray(labels).resize((width, height), resample=Image.Resampling.NEAREST))
     labels_path = out_dir / f"{source.stem}.labels.png"

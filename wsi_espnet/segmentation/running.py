@@ -9,6 +9,7 @@ and then raises, so the store is left consistent and a rerun resumes it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -44,6 +45,9 @@ class RunStats:
     read_seconds: float
     devices: tuple[str, ...]
     precisions: tuple[str, ...]
+    runtimes: tuple[str, ...] = ()
+    runtime_agreement: float | None = None
+    runtime_checks: tuple[dict[str, Any], ...] = ()
 
 
 @contextlib.contextmanager
@@ -148,7 +152,20 @@ def run_tiles(
         read_seconds=sum(r.read_seconds for r in results),
         devices=tuple(sorted({r.device for r in results})),
         precisions=tuple(sorted({r.precision for r in results})),
+        **_runtime_stats(results),
     )
+
+
+def _runtime_stats(results: list[TileGroupResult]) -> dict[str, Any]:
+    """Runtimes the tasks ran on, the lowest calibration agreement among them, and each distinct check."""
+    choices = [r.runtime for r in results if r.runtime is not None]
+    agreements = [c.agreement for c in choices if c.agreement is not None]
+    checks = {json.dumps(c.check, sort_keys=True): c.as_record() for c in choices if c.check}
+    return {
+        "runtimes": tuple(sorted({c.name for c in choices})),
+        "runtime_agreement": min(agreements) if agreements else None,
+        "runtime_checks": tuple(checks.values()),
+    }
 
 
 def _wait_for_workers(client: Client, resources: Mapping[str, float] | None, wait_s: float) -> None:

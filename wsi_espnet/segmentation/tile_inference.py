@@ -25,7 +25,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from wsi_espnet.devices import resolve
-from wsi_espnet.inference.predict import predict_logits, preprocess
+from wsi_espnet.inference.predict import padded_forward, preprocess
+from wsi_espnet.inference.runtimes import RuntimeChoice, model_runtime
 from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.segmentation.label_store import LabelStore
@@ -42,6 +43,7 @@ __all__ = [
     "infer_windows",
     "label_tiles",
     "read_window",
+    "runtime_choice",
     "segment_tile_group",
 ]
 
@@ -74,6 +76,8 @@ class InferenceSettings:
     device : "auto", "cpu", "cuda", "cuda:1", ... ("auto" is resolved on the worker)
     precision : "fp32", "fp16" or "bf16" (autocast; fp32 runs plain).
     channels_last : run convolutions in NHWC memory layout (faster on CPU and on tensor cores).
+    runtime : "auto", "torch", "openvino" or "onnx" (see :mod:`wsi_espnet.inference.runtimes`; "auto"
+        is resolved on the worker, by a check on its first window).
     """
 
     model_path: str | None
@@ -81,11 +85,13 @@ class InferenceSettings:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = True
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)
 class TileGroupResult:
-    """What a finished task reports: its tiles, the windows it ran, and seconds spent reading and in the model."""
+    """What a finished task reports: its tiles, the windows it ran, seconds spent reading and in the model,
+    and the runtime that ran it (with its calibration check, under "auto")."""
 
     tiles: tuple[tuple[int, int], ...]
     windows: int
@@ -93,6 +99,7 @@ class TileGroupResult:
     precision: str
     model_seconds: float
     read_seconds: float
+    runtime: RuntimeChoice | None = None
 
 
 def cached_model(settings: InferenceSettings, weights: bytes | None = None) -> tuple[nn.Module, ModelConfig]:
@@ -119,23 +126,31 @@ def cached_model(settings: InferenceSettings, weights: bytes | None = None) -> t
 def infer_windows(
     model: nn.Module, config: ModelConfig, windows: Sequence[NDArray[np.uint8]], settings: InferenceSettings
 ) -> list[NDArray[np.uint8]]:
-    """Class ids ``(h, w)`` uint8 for each ``(h, w, 3)`` window; same-shaped windows share one batch."""
+    """Class ids ``(h, w)`` uint8 for each ``(h, w, 3)`` window; same-shaped windows share one batch.
+
+    The forward pass runs on the settings' runtime (cached with the model object; see
+    :func:`~wsi_espnet.inference.runtimes.model_runtime`).
+    """
     results: list[NDArray[np.uint8] | None] = [None] * len(windows)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, window in enumerate(windows):
         by_shape.setdefault(window.shape, []).append(index)
     placement = resolve(settings.device, settings.precision)
-    device_type = placement.torch_device.type
-    dtype = placement.autocast_dtype
+    runtime = model_runtime(model, placement, settings.runtime, channels_last=settings.channels_last)
+    model.eval()
     for indices in by_shape.values():
         batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
-        if settings.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            labels = predict_logits(model, batch).argmax(1).to(torch.uint8).cpu().numpy()
+        with torch.inference_mode():
+            labels = padded_forward(runtime.logits, batch).argmax(1).to(torch.uint8).cpu().numpy()
         for position, index in enumerate(indices):
             results[index] = labels[position]
     return [r for r in results if r is not None]
+
+
+def runtime_choice(model: nn.Module, settings: InferenceSettings) -> RuntimeChoice | None:
+    """The runtime ``infer_windows`` ran ``model`` on with these settings (None before its first batch)."""
+    placement = resolve(settings.device, settings.precision)
+    return model_runtime(model, placement, settings.runtime, channels_last=settings.channels_last).choice
 
 
 def read_window(reader: SlideReader, choice: LevelChoice, tile: Tile) -> NDArray[np.uint8]:
@@ -195,7 +210,7 @@ def label_tiles(
     placement = resolve(settings.device, settings.precision)
     stats = TileGroupResult(
         tuple((t.row, t.col) for t in tiles), len(windows), placement.device, placement.precision, model_seconds,
-        read_seconds,
+        read_seconds, runtime_choice(model, settings),
     )  # fmt: skip
     return values, stats
 

@@ -1,0 +1,421 @@
+"""Where a model's forward pass runs: PyTorch, OpenVINO or ONNX Runtime, chosen by measurement.
+
+``segment`` and ``predict`` take ``--runtime auto|torch|openvino|onnx``:
+
+- ``torch``: the model itself, channels_last on CPU, autocast at the placement's precision (the only
+  path on a GPU);
+- ``openvino``: the model exported once to ONNX (in memory) and compiled by OpenVINO's CPU plugin,
+  which fuses batch norm, PReLU, the hierarchical sums and the concatenations into the convolutions;
+- ``onnx``: the same graph in ONNX Runtime's CPU provider with all graph optimisations;
+- ``auto`` (the default): on a CPU, the first batch a process runs is the calibration check. Its
+  first image (centre-cropped to at most :data:`CHECK_SIDE` pixels a side) runs through each path;
+  the fastest whose labels agree with PyTorch fp32 on at least :data:`MIN_AGREEMENT` of the pixels
+  wins, and the choice (with every path's time and agreement) is recorded. On a GPU, ``torch``.
+
+The check runs on real input (the slide's own first tissue window, at its real size, since the paths
+scale differently with size) and costs about 5 s on a 2-core CPU (exporting and compiling 2.7 s, two
+OpenVINO runs). Its result is kept in :func:`choices_file`, keyed by the weights, the input size, the
+CPU, the thread count and the runtimes' versions: the check runs once per machine, model and window
+size, and every later run there (and every worker of a batch on that node) runs the same path, so
+reruns give identical masks. Delete the file to check again. ONNX Runtime joins the check only when
+OpenVINO is not installed: on the CPUs measured it was always slower than OpenVINO on the same
+graph (``benchmarks/model_speed.py``), and each candidate costs time on every worker.
+
+int8 post-training quantisation (OpenVINO NNCF, ONNX Runtime QDQ) was measured and left out: on an
+AVX2 CPU without VNNI it ran 1.0-1.2x OpenVINO fp32 while agreeing on only 64-91% of the pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsi_espnet.atomic_files import replacing
+from wsi_espnet.devices import Placement
+from wsi_espnet.errors import InputError
+
+__all__ = [
+    "CHECK_SIDE",
+    "MIN_AGREEMENT",
+    "RUNTIMES",
+    "ModelRuntime",
+    "RuntimeChoice",
+    "available_runtimes",
+    "check_runtime",
+    "choices_file",
+    "median_seconds",
+    "model_runtime",
+]
+
+RUNTIMES = ("auto", "torch", "openvino", "onnx")
+"""The runtime spellings ``segment`` and ``predict`` accept."""
+
+#: Least share of calibration pixels whose label must equal PyTorch fp32's for ``auto`` to pick a path.
+MIN_AGREEMENT = 0.999
+#: Longest side of the calibration input (a multiple of 8): larger first images are centre-cropped to it.
+CHECK_SIDE = 2048
+_MODULES = {"openvino": "openvino", "onnx": "onnxruntime"}
+
+log = logging.getLogger(__name__)
+Forward = Callable[[Tensor], Tensor]
+
+
+def check_runtime(text: str) -> str:
+    """Return ``text`` if it is one of :data:`RUNTIMES`; raise :class:`InputError` listing them."""
+    if text not in RUNTIMES:
+        raise InputError(f"runtime {text!r} is not one of {', '.join(RUNTIMES)}.")
+    return text
+
+
+def available_runtimes() -> tuple[str, ...]:
+    """The runtimes this Python can run (``torch`` always; the others when their package is installed)."""
+    found = [name for name, module in _MODULES.items() if importlib.util.find_spec(module) is not None]
+    return ("torch", *found)
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which path a process runs and why.
+
+    name : "torch", "openvino" or "onnx".
+    requested : what was asked for ("auto" or a name).
+    agreement : share of the calibration pixels whose label equals PyTorch fp32's (1.0 for torch;
+        None when no check ran: a path named explicitly).
+    check : per candidate, its check seconds and agreement (empty when no check ran).
+    measured : when the check ran (ISO 8601, UTC); an earlier time means the choice came from the cache.
+    """
+
+    name: str
+    requested: str
+    agreement: float | None = None
+    check: dict[str, dict[str, float]] = field(default_factory=dict)
+    measured: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The choice as a JSON-ready dict (for the provenance)."""
+        return {
+            "runtime": self.name, "requested": self.requested, "agreement": self.agreement, "check": self.check,
+            "measured": self.measured,
+        }  # fmt: skip
+
+
+class ModelRuntime:
+    """A model's forward pass on the chosen runtime: ``logits(batch)`` for normalised batches.
+
+    ``batch`` is ``(B, C, H, W)`` float32 with H and W multiples of 8 (``padded_forward`` pads);
+    the result is the model's logits on the CPU (or the model's device for ``torch``), float32.
+    Built by :func:`model_runtime`, which caches one per model object; calls are serialised.
+    """
+
+    def __init__(self, model: nn.Module, placement: Placement, requested: str, *, channels_last: bool = True):
+        check_runtime(requested)
+        if requested in _MODULES and placement.torch_device.type != "cpu":
+            raise InputError(
+                f"runtime {requested!r} runs on the CPU, but device {placement.device!r} was asked for; "
+                "use [[runtime=torch]] (or auto) on a GPU, or [[device=cpu]]."
+            )
+        if requested in _MODULES and placement.precision != "fp32":
+            raise InputError(
+                f"runtime {requested!r} runs fp32 only, but precision {placement.precision!r} was asked for; "
+                "use [[precision=fp32]] (or auto), or [[runtime=torch]] for autocast."
+            )
+        if requested in _MODULES and importlib.util.find_spec(_MODULES[requested]) is None:
+            raise InputError(
+                f"runtime {requested!r} needs the {_MODULES[requested]} package: pip install {_MODULES[requested]}, "
+                f"or use one of {', '.join(available_runtimes())}."
+            )
+        self.model = model
+        self.placement = placement
+        self.requested = requested
+        self.channels_last = channels_last
+        self._lock = threading.Lock()
+        self._forward: Forward | None = None
+        self._onnx: bytes | None = None
+        self.choice: RuntimeChoice | None = None
+        if requested != "auto" or placement.torch_device.type != "cpu":
+            name = "torch" if requested == "auto" else requested
+            self._forward = self._build(name)
+            agreement = 1.0 if name == "torch" else None
+            self.choice = RuntimeChoice(name, requested, agreement)
+
+    def logits(self, batch: Tensor) -> Tensor:
+        """Logits of a normalised ``(B, C, H, W)`` batch; the first call under ``auto`` runs the check."""
+        with self._lock:
+            if self._forward is None:
+                key = _check_key(self.model, batch)
+                cached = _read_choice(key)
+                if cached is not None:
+                    self._forward, self.choice = self._build(cached.name), cached
+                else:
+                    self._forward, self.choice, logits = self._calibrate(batch)
+                    _write_choice(key, self.choice)
+                    if logits is not None:
+                        return logits
+            return self._forward(batch)
+
+    # -- the paths -------------------------------------------------------------------------------
+    def _build(self, name: str) -> Forward:
+        with torch.inference_mode(False):  # exporting traces the model, which inference mode forbids
+            return self._build_path(name)
+
+    def _build_path(self, name: str) -> Forward:
+        if name == "torch":
+            return self._torch_forward()
+        if name == "openvino":
+            return self._openvino_forward()
+        return self._onnx_forward()
+
+    def _torch_forward(self) -> Forward:
+        model = self.model.eval()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        device = self.placement.torch_device
+        dtype = self.placement.autocast_dtype
+
+        def forward(batch: Tensor) -> Tensor:
+            batch = batch.to(device).contiguous(memory_format=memory_format)
+            with torch.inference_mode(), torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+                logits: Tensor = model(batch).float()
+                return logits
+
+        return forward
+
+    def _onnx_bytes(self) -> bytes:
+        """The model as ONNX with dynamic batch, height and width, exported once (about 1.5 s)."""
+        if self._onnx is None:
+            cpu_model = _cpu_copy(self.model)
+            channels = int(getattr(getattr(self.model, "config", None), "in_channels", 3))
+            buffer = io.BytesIO()
+            dims = {0: "batch", 2: "height", 3: "width"}
+            with _quiet_export():
+                # The TorchScript exporter: 1.4 s, where the dynamo one (export_onnx) takes 16 s on 2 cores.
+                torch.onnx.export(
+                    cpu_model, (torch.zeros(1, channels, 64, 64),), buffer,  # type: ignore[arg-type]
+                    dynamo=False, opset_version=17, input_names=["image"], output_names=["logits"],
+                    dynamic_axes={"image": dims, "logits": dims},
+                )  # fmt: skip
+            self._onnx = buffer.getvalue()
+        return self._onnx
+
+    def _openvino_forward(self) -> Forward:
+        import openvino as ov
+
+        threads = torch.get_num_threads()
+        compiled = ov.Core().compile_model(
+            ov.convert_model(io.BytesIO(self._onnx_bytes())), "CPU",
+            {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
+        )  # fmt: skip
+        request = compiled.create_infer_request()
+
+        def forward(batch: Tensor) -> Tensor:
+            array = batch.detach().cpu().float().contiguous().numpy()
+            return torch.from_numpy(request.infer({0: array})[0].copy())
+
+        return forward
+
+    def _onnx_forward(self) -> Forward:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(self._onnx_bytes(), options, providers=["CPUExecutionProvider"])
+
+        def forward(batch: Tensor) -> Tensor:
+            array = batch.detach().cpu().float().contiguous().numpy()
+            return torch.from_numpy(session.run(None, {"image": array})[0])
+
+        return forward
+
+    # -- auto ------------------------------------------------------------------------------------
+    def _calibrate(self, batch: Tensor) -> tuple[Forward, RuntimeChoice, Tensor | None]:
+        """Run the first image of ``batch`` through each candidate; the fastest that agrees wins.
+
+        Timed at the real input size, since the paths scale differently (PyTorch slows per pixel on
+        windows whose activations outgrow the caches; OpenVINO tiles them). PyTorch runs once (its labels
+        are the reference), each other path a warm-up (its first run at a shape compiles kernels) and a
+        timed run. Returns the winner, the choice and, for a one-image batch, the winner's logits of it.
+        """
+        sample = _centre_crop(batch[:1], CHECK_SIDE)
+        candidates = ["torch", *(n for n in available_runtimes() if n == "openvino")]
+        if "openvino" not in candidates and "onnx" in available_runtimes():
+            candidates.append("onnx")
+        forwards: dict[str, Forward] = {}
+        outputs: dict[str, Tensor] = {}
+        check: dict[str, dict[str, float]] = {}
+        reference: Tensor | None = None
+        for name in candidates:
+            try:
+                began = time.perf_counter()
+                forward = self._build(name)
+                prepare = time.perf_counter() - began
+                if name != "torch":
+                    forward(sample)
+                began = time.perf_counter()
+                logits = forward(sample)
+                seconds = time.perf_counter() - began
+            except Exception as exc:  # a broken optional runtime must not stop a run that torch can do
+                log.warning("runtime %s left out of the check: %s", name, exc)
+                continue
+            labels = logits.argmax(1)
+            reference = labels if reference is None else reference
+            agreement = float((labels == reference).float().mean())
+            forwards[name], outputs[name] = forward, logits
+            check[name] = {"seconds": seconds, "agreement": agreement, "prepare_seconds": prepare}
+        eligible = [n for n in forwards if check[n]["agreement"] >= MIN_AGREEMENT]
+        best = min(eligible, key=lambda n: check[n]["seconds"])
+        log.info(
+            "runtime auto: %s (%s)", best,
+            ", ".join(f"{n} {c['seconds'] * 1e3:.0f} ms, agreement {c['agreement']:.5f}" for n, c in check.items()),
+        )  # fmt: skip
+        reusable = outputs[best] if batch.shape[0] == 1 and sample.shape == batch.shape else None
+        measured = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        choice = RuntimeChoice(best, "auto", check[best]["agreement"], check, measured)
+        return forwards[best], choice, reusable
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, str, bool], ModelRuntime]] = (
+    weakref.WeakKeyDictionary()
+)
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def model_runtime(model: nn.Module, placement: Placement, runtime: str, *, channels_last: bool = True) -> ModelRuntime:
+    """The :class:`ModelRuntime` of ``model`` for this placement and runtime, built once per model object.
+
+    The model's weights must not change while it is cached (they are compiled into the other runtimes).
+    """
+    key = (runtime, placement.device, placement.precision, channels_last)
+    with _RUNTIMES_LOCK:
+        per_model = _RUNTIMES.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = ModelRuntime(model, placement, runtime, channels_last=channels_last)
+        return per_model[key]
+
+
+def choices_file() -> Path:
+    """Where ``auto`` keeps its checks: ``$XDG_CACHE_HOME/wsi-espnet/runtime-choices.json`` (``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "wsi-espnet" / "runtime-choices.json"
+
+
+def _check_key(model: nn.Module, batch: Tensor) -> str:
+    """What a check's result depends on: the weights, the input shape, this CPU, threads and runtime versions.
+
+    The same model on the same machine and window size therefore always runs the same path (so reruns and
+    a batch's workers on one node give identical masks), and the check is paid once, not per process.
+    """
+    weights = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    facts = {
+        "weights": weights.hexdigest(), "shape": list(_centre_crop(batch[:1], CHECK_SIDE).shape),
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "versions": {m: _version(m) for m in ("torch", *_MODULES.values())}, "min_agreement": MIN_AGREEMENT,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _read_choice(key: str) -> RuntimeChoice | None:
+    try:
+        entry = json.loads(choices_file().read_text()).get(key)
+        choice = RuntimeChoice(
+            entry["runtime"], "auto", entry["agreement"], entry["check"], entry["measured"]
+        ) if entry else None  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no cache yet, or an unreadable one: check again
+    return choice if choice is not None and choice.name in available_runtimes() else None
+
+
+def _write_choice(key: str, choice: RuntimeChoice) -> None:
+    path = choices_file()
+    try:
+        try:
+            entries = json.loads(path.read_text())
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = choice.as_record()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as partial:
+            partial.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    except OSError as exc:  # a read-only home: the check runs again next time, nothing else changes
+        log.debug("could not cache the runtime check in %s: %s", path, exc)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _centre_crop(batch: Tensor, side: int) -> Tensor:
+    height, width = batch.shape[-2:]
+    crop_h, crop_w = min(height, side), min(width, side)
+    top, left = (height - crop_h) // 2 // 8 * 8, (width - crop_w) // 2 // 8 * 8
+    return batch[..., top : top + crop_h, left : left + crop_w].contiguous()
+
+
+def _timed(forward: Forward, batch: Tensor) -> float:
+    began = time.perf_counter()
+    forward(batch)
+    return time.perf_counter() - began
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    copied: nn.Module = copy.deepcopy(model).cpu().float()
+    return copied.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload,no-any-return]
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The TorchScript exporter's deprecation and tracer warnings are ours to handle, not the user's."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
+def median_seconds(forward: Forward, batch: Tensor, repeats: int) -> float:
+    """Median wall time of ``forward(batch)`` over ``repeats`` calls, after one warm-up (for benchmarks)."""
+    forward(batch)
+    return statistics.median(_timed(forward, batch) for _ in range(repeats))
