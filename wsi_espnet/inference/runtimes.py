@@ -27,6 +27,7 @@ AVX2 CPU without VNNI it ran 1.0-1.2x OpenVINO fp32 while agreeing on only 64-91
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.devices import Placement
 from wsi_espnet.errors import InputError
+from wsi_espnet.inference.predict import class_labels
 
 __all__ = [
     "CHECK_SIDE",
@@ -74,6 +76,8 @@ RUNTIMES = ("auto", "torch", "openvino", "onnx")
 MIN_AGREEMENT = 0.999
 #: Longest side of the calibration input (a multiple of 8): larger first images are centre-cropped to it.
 CHECK_SIDE = 2048
+#: Input shapes OpenVINO keeps compiled at once (a slide's windows share one or two shapes).
+OPENVINO_SHAPES = 4
 _MODULES = {"openvino": "openvino", "onnx": "onnxruntime"}
 
 log = logging.getLogger(__name__)
@@ -219,18 +223,26 @@ class ModelRuntime:
         return self._onnx
 
     def _openvino_forward(self) -> Forward:
+        """OpenVINO, compiled once per input shape: a static shape lets its memory planner reuse buffers
+        (a 1968-px window peaked at 904 MiB against 1167 MiB compiled for dynamic shapes, at the same speed)."""
         import openvino as ov
 
-        threads = torch.get_num_threads()
-        compiled = ov.Core().compile_model(
-            ov.convert_model(io.BytesIO(self._onnx_bytes())), "CPU",
-            {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
-        )  # fmt: skip
-        request = compiled.create_infer_request()
+        core = ov.Core()
+        graph = ov.convert_model(io.BytesIO(self._onnx_bytes()))
+        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        requests: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
 
         def forward(batch: Tensor) -> Tensor:
             array = batch.detach().cpu().float().contiguous().numpy()
-            return torch.from_numpy(request.infer({0: array})[0].copy())
+            shape = tuple(array.shape)
+            if shape not in requests:
+                static = graph.clone()
+                static.reshape(list(shape))
+                requests[shape] = core.compile_model(static, "CPU", settings).create_infer_request()
+                while len(requests) > OPENVINO_SHAPES:
+                    requests.popitem(last=False)
+            requests.move_to_end(shape)
+            return torch.from_numpy(requests[shape].infer({0: array})[0].copy())
 
         return forward
 
@@ -279,7 +291,7 @@ class ModelRuntime:
             except Exception as exc:  # a broken optional runtime must not stop a run that torch can do
                 log.warning("runtime %s left out of the check: %s", name, exc)
                 continue
-            labels = logits.argmax(1)
+            labels = class_labels(logits)
             reference = labels if reference is None else reference
             agreement = float((labels == reference).float().mean())
             forwards[name], outputs[name] = forward, logits

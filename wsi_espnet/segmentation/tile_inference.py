@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from wsi_espnet.devices import resolve
-from wsi_espnet.inference.predict import padded_forward, preprocess
+from wsi_espnet.inference.predict import class_labels, padded_forward, preprocess
 from wsi_espnet.inference.runtimes import RuntimeChoice, model_runtime
 from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
 from wsi_espnet.models.config import ModelConfig
@@ -141,7 +141,7 @@ def infer_windows(
     for indices in by_shape.values():
         batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
         with torch.inference_mode():
-            labels = padded_forward(runtime.logits, batch).argmax(1).to(torch.uint8).cpu().numpy()
+            labels = class_labels(padded_forward(runtime.logits, batch)).to(torch.uint8).cpu().numpy()
         for position, index in enumerate(indices):
             results[index] = labels[position]
     return [r for r in results if r is not None]
