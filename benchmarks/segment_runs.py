@@ -43,7 +43,9 @@ def run_segment(
     command = [sys.executable, "-m", "wsi_espnet", "segment", str(slide), "--out", str(out), "--overwrite", "--quiet"]
     began = time.perf_counter()
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen([*command, *extra], env=child_env, stdout=subprocess.DEVNULL, stderr=errors)
+        # Run from the checkout itself: ``python -m`` puts the working directory first on sys.path.
+        cwd = package_root or Path.cwd()
+        process = subprocess.Popen([*command, *extra], env=child_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
         _, status, usage = os.wait4(process.pid, 0)  # reaped here, with the child's own peak RSS
         seconds = time.perf_counter() - began
         process.returncode = os.waitstatus_to_exitcode(status)

@@ -57,7 +57,7 @@ def main() -> int:
                     shutil.rmtree(out)
                     runs[side].append(run)
                     execution = run.provenance["execution"]
-                    runtime = ",".join(execution.get("runtime", ["torch (no runtime choice)"]))
+                    runtime = ",".join(execution.get("runtime", ["torch (channels_last, no choice)"]))
                     rate = run.output_megapixels / run.seconds
                     print(f"{side} run {index + 1}: {run.seconds:7.1f} s  {rate:6.2f} MP/s  "
                           f"peak RSS {run.peak_rss_mib:6.0f} MiB  model {execution['model_forward_s']:.1f} s  "

@@ -1,23 +1,26 @@
-"""Inference runtimes: torch, OpenVINO and ONNX Runtime give PyTorch's labels on real tissue; auto checks, picks, caches."""
+"""Inference runtimes: torch, OpenVINO and ONNX Runtime give PyTorch's labels on real tissue; auto checks and caches."""
 
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from wsi_espnet import cli
 from wsi_espnet.devices import Placement, resolve
 from wsi_espnet.errors import InputError
 from wsi_espnet.inference import preprocess
-from wsi_espnet.inference.predict import padded_forward, predict
+from wsi_espnet.inference.predict import class_labels, padded_forward, predict
 from wsi_espnet.inference.runtimes import (
     MIN_AGREEMENT,
+    OPENVINO_SHAPES,
     RUNTIMES,
     ModelRuntime,
     available_runtimes,
@@ -39,7 +42,7 @@ def tissue(shared_data) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-@pytest.fixture()
+@pytest.fixture
 def default_model():
     return load_model(default_model_path())
 
@@ -85,7 +88,8 @@ def test_auto_checks_every_candidate_and_picks_the_fastest_that_agrees(default_m
     assert runtime.choice is None  # nothing runs before the first batch
     logits = runtime.logits(batch)
     choice = runtime.choice
-    assert choice is not None and choice.requested == "auto"
+    assert choice is not None
+    assert choice.requested == "auto"
     assert set(choice.check) == {"torch", "openvino"}  # ONNX Runtime joins only without OpenVINO
     assert choice.check["torch"]["agreement"] == 1.0
     eligible = {n: c["seconds"] for n, c in choice.check.items() if c["agreement"] >= MIN_AGREEMENT}
@@ -113,7 +117,8 @@ def test_an_unreadable_choices_cache_is_checked_again(default_model, tissue):
     choices_file().write_text("{not json")
     runtime = ModelRuntime(model, CPU, "auto")
     runtime.logits(preprocess(tissue[:256, :256], config.preprocessing))
-    assert runtime.choice is not None and set(runtime.choice.check) == {"torch", "openvino"}
+    assert runtime.choice is not None
+    assert set(runtime.choice.check) == {"torch", "openvino"}
     assert len(json.loads(choices_file().read_text())) == 1
 
 
@@ -122,7 +127,8 @@ def test_predict_on_each_runtime_equals_torch(default_model, tissue):
     reference = predict(model, tissue, config=config).labels
     for name in ("openvino", "onnx", "auto"):
         labels = predict(model, tissue, config=config, runtime=name).labels
-        assert labels.shape == reference.shape and labels.dtype == reference.dtype
+        assert labels.shape == reference.shape
+        assert labels.dtype == reference.dtype
         assert (labels == reference).mean() >= MIN_AGREEMENT, name
 
 
@@ -142,4 +148,87 @@ def test_predict_command_takes_a_runtime(tmp_path, tissue):
         [sys.executable, "-m", "wsi_espnet", "predict", image, "--out", tmp_path, "--runtime", "tensorrt"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert bad.returncode == 2 and "invalid choice: 'tensorrt'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2
+    assert "invalid choice: 'tensorrt'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_class_labels_is_argmax_in_either_layout(memory_format):
+    logits = torch.randn(2, 5, 33, 47).contiguous(memory_format=memory_format)
+    assert torch.equal(class_labels(logits), logits.argmax(1))
+    assert torch.equal(class_labels(logits[0], 0), logits[0].argmax(0))
+
+
+def test_openvino_serves_several_window_shapes_and_comes_back_to_an_evicted_one(default_model, tissue):
+    model, config = default_model
+    runtime = ModelRuntime(model, CPU, "openvino")
+    shapes = [(64, 64), (128, 64), (64, 128), (128, 128), (192, 64), (64, 64)]  # 5 shapes > OPENVINO_SHAPES
+    assert len(set(shapes)) > OPENVINO_SHAPES
+    for height, width in shapes:
+        batch = preprocess(tissue[:height, :width], config.preprocessing)
+        with torch.inference_mode():
+            reference = model(batch).argmax(1)
+            labels = class_labels(runtime.logits(batch))
+        assert labels.shape == (1, height, width)
+        assert (labels == reference).float().mean().item() >= MIN_AGREEMENT
+
+
+def test_segment_records_the_runtime_and_openvino_agrees_with_torch(shared_data, tmp_path):
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    masks = {}
+    for name in ("torch", "openvino", "auto"):
+        out = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, "-m", "wsi_espnet", "segment", slide, "--out", out, "--runtime", name,
+             "--tile-size", "512", "--quiet"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        execution = json.loads((out / "CMU-1-Small-Region.provenance.json").read_text())["execution"]
+        assert execution["runtime_requested"] == name
+        assert execution["runtime"] == ([name] if name != "auto" else [execution["runtime_checks"][0]["runtime"]])
+        if name == "auto":
+            (check,) = execution["runtime_checks"]
+            assert set(check["check"]) == {"torch", "openvino"}
+            assert check["measured"]
+            assert execution["runtime_agreement"] >= MIN_AGREEMENT
+        masks[name] = zarr.open_array(out / "CMU-1-Small-Region.mask.zarr" / "labels" / "tissue_classes" / "0")[:]
+    assert masks["torch"].shape == masks["openvino"].shape
+    tissue_pixels = masks["torch"] > 0
+    assert tissue_pixels.mean() > 0.1
+    assert (masks["torch"] == masks["openvino"])[tissue_pixels].mean() >= MIN_AGREEMENT
+    assert (masks["torch"] == masks["auto"])[tissue_pixels].mean() >= MIN_AGREEMENT
+
+
+HEAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from wsi_espnet.heap import keep_heap_flat
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "flat":
+    assert keep_heap_flat() and keep_heap_flat()  # applied, once per process
+large = np.ones(16 << 20, dtype=np.uint8)
+del large  # glibc's dynamic threshold now rises to 16 MiB
+before = libc.mallinfo2().hblkhd
+buffer = np.ones(2 << 20, dtype=np.uint8)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting is glibc's")
+def test_large_buffers_stay_mapped_after_a_larger_one_is_freed():
+    """Without the fixed threshold, freeing 16 MiB raises glibc's threshold and 2 MiB comes from an arena."""
+    mapped = {}
+    for mode in ("default", "flat"):  # fresh processes: no other thread allocates meanwhile
+        result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        mapped[mode] = int(result.stdout)
+    assert mapped["default"] == 0  # the probe sees glibc's behaviour ...
+    assert mapped["flat"] >= 2 << 20  # ... and keep_heap_flat changes it: the buffer is returned when freed

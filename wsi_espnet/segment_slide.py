@@ -34,6 +34,7 @@ from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.devices import check_device_spec, check_precision
 from wsi_espnet.errors import InputError, WsiEspnetError
+from wsi_espnet.heap import keep_heap_flat
 from wsi_espnet.inference.runtimes import check_runtime
 from wsi_espnet.models.checkpoint_io import file_sha256, load_model, model_bytes
 from wsi_espnet.models.config import ModelConfig
@@ -208,6 +209,7 @@ def segment_slide(
     """
     options = options or SegmentOptions()
     log = logger or _logger
+    keep_heap_flat()  # planning, the pyramid and the writers allocate large buffers here too
     started = time.perf_counter()
     timings: dict[str, float] = {}
     slide_path = Path(slide).absolute()

@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from wsi_espnet.devices import resolve
+from wsi_espnet.heap import keep_heap_flat
 from wsi_espnet.inference.predict import class_labels, padded_forward, preprocess
 from wsi_espnet.inference.runtimes import RuntimeChoice, model_runtime
 from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
@@ -108,6 +109,7 @@ def cached_model(settings: InferenceSettings, weights: bytes | None = None) -> t
     ``weights`` are the model's bytes when it was given in memory rather than as a file.
     """
     device = resolve(settings.device, settings.precision).device
+    keep_heap_flat()  # this process reads windows and runs the model
     key = (settings.model_path or "", settings.model_sha256, device, settings.channels_last)
     with _MODELS_LOCK:
         if key not in _MODELS:
