@@ -90,7 +90,7 @@ def test_auto_checks_every_candidate_and_picks_the_fastest_that_agrees(default_m
     choice = runtime.choice
     assert choice is not None
     assert choice.requested == "auto"
-    assert set(choice.check) == {"torch", "openvino"}  # ONNX Runtime joins only without OpenVINO
+    assert set(choice.check) == {"torch", "openvino", "onnx"}
     assert choice.check["torch"]["agreement"] == 1.0
     eligible = {n: c["seconds"] for n, c in choice.check.items() if c["agreement"] >= MIN_AGREEMENT}
     assert choice.name == min(eligible, key=eligible.__getitem__)
@@ -118,7 +118,7 @@ def test_an_unreadable_choices_cache_is_checked_again(default_model, tissue):
     runtime = ModelRuntime(model, CPU, "auto")
     runtime.logits(preprocess(tissue[:256, :256], config.preprocessing))
     assert runtime.choice is not None
-    assert set(runtime.choice.check) == {"torch", "openvino"}
+    assert set(runtime.choice.check) == {"torch", "openvino", "onnx"}
     assert len(json.loads(choices_file().read_text())) == 1
 
 
@@ -190,7 +190,7 @@ def test_segment_records_the_runtime_and_openvino_agrees_with_torch(shared_data,
         assert execution["runtime"] == ([name] if name != "auto" else [execution["runtime_checks"][0]["runtime"]])
         if name == "auto":
             (check,) = execution["runtime_checks"]
-            assert set(check["check"]) == {"torch", "openvino"}
+            assert set(check["check"]) == {"torch", "openvino", "onnx"}
             assert check["measured"]
             assert execution["runtime_agreement"] >= MIN_AGREEMENT
         masks[name] = zarr.open_array(out / "CMU-1-Small-Region.mask.zarr" / "labels" / "tissue_classes" / "0")[:]

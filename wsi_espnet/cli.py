@@ -43,7 +43,7 @@ PARTIAL_FAILURE = 4
 #: wsi_espnet.inference.runtimes.RUNTIMES, spelt out so that parsing arguments does not import torch.
 RUNTIMES = ("auto", "torch", "openvino", "onnx")
 RUNTIME_HELP = (
-    "where the model runs: auto (on a CPU, the fastest of torch and openvino whose labels agree with PyTorch "
+    "where the model runs: auto (on a CPU, the fastest of torch, openvino and onnx whose labels agree with PyTorch "
     "fp32 on a check of the first window; torch on a GPU), torch, openvino or onnx (default auto)"
 )
 

@@ -84,7 +84,7 @@ class SegmentOptions:
     batch_size : tiles per model call.
     device : "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
     precision : "auto" (fp16 autocast on CUDA, fp32 on CPU), "fp32", "fp16", "bf16".
-    runtime : "auto" (on a CPU, the fastest of PyTorch and OpenVINO whose labels agree with PyTorch fp32 on
+    runtime : "auto" (on a CPU, the fastest of PyTorch, OpenVINO and ONNX Runtime agreeing with PyTorch fp32 on
         the first window; see :mod:`wsi_espnet.inference.runtimes`), "torch", "openvino", "onnx".
     tissue : tissue detection options.
     overwrite : replace existing outputs (complete or not) instead of refusing / resuming.

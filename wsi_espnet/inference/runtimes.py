@@ -7,22 +7,21 @@
 - ``openvino``: the model exported once to ONNX (in memory) and compiled by OpenVINO's CPU plugin,
   which fuses batch norm, PReLU, the hierarchical sums and the concatenations into the convolutions;
 - ``onnx``: the same graph in ONNX Runtime's CPU provider with all graph optimisations;
-- ``auto`` (the default): on a CPU, the first batch a process runs is the calibration check. Its
+- ``auto`` (the default): on a CPU, the first batch a model meets is the calibration check. Its
   first image (centre-cropped to at most :data:`CHECK_SIDE` pixels a side) runs through each path;
   the fastest whose labels agree with PyTorch fp32 on at least :data:`MIN_AGREEMENT` of the pixels
   wins, and the choice (with every path's time and agreement) is recorded. On a GPU, ``torch``.
 
 The check runs on real input (the slide's own first tissue window, at its real size, since the paths
-scale differently with size) and costs about 5 s on a 2-core CPU (exporting and compiling 2.7 s, two
-OpenVINO runs). Its result is kept in :func:`choices_file`, keyed by the weights, the input size, the
+scale differently with size) and costs about 7 s on a 2-core CPU (exporting and compiling 2.7 s, two runs
+of each path). Its result is kept in :func:`choices_file`, keyed by the weights, the input size, the
 CPU, the thread count and the runtimes' versions: the check runs once per machine, model and window
 size, and every later run there (and every worker of a batch on that node) runs the same path, so
-reruns give identical masks. Delete the file to check again. ONNX Runtime joins the check only when
-OpenVINO is not installed: on the CPUs measured it was always slower than OpenVINO on the same
-graph (``benchmarks/model_speed.py``), and each candidate costs time on every worker.
+reruns give identical masks. Delete the file to check again. Every installed runtime joins the check:
+which of OpenVINO and ONNX Runtime wins depends on the model and the window (``benchmarks/model_speed.py``).
 
-int8 post-training quantisation (OpenVINO NNCF, ONNX Runtime QDQ) was measured and left out: on an
-AVX2 CPU without VNNI it ran 1.0-1.2x OpenVINO fp32 while agreeing on only 64-91% of the pixels.
+int8 post-training quantisation was measured and left out: OpenVINO NNCF int8 ran 2.2-2.5x eager fp32 at
+1024x512 on an AVX2 CPU without VNNI but agreed on only 91-98% of the pixels (ONNX Runtime QDQ int8: 80-89%).
 """
 
 from __future__ import annotations
@@ -278,14 +277,12 @@ class ModelRuntime:
         """Run the first image of ``batch`` through each candidate; the fastest that agrees wins.
 
         Timed at the real input size, since the paths scale differently (PyTorch slows per pixel on
-        windows whose activations outgrow the caches; OpenVINO tiles them). PyTorch runs once (its labels
-        are the reference), each other path a warm-up (its first run at a shape compiles kernels) and a
-        timed run. Returns the winner, the choice and, for a one-image batch, the winner's logits of it.
+        windows whose activations outgrow the caches; OpenVINO tiles them). Each path runs a warm-up (the
+        first run at a shape builds its kernels) and a timed run; PyTorch's labels are the reference.
+        Returns the winner, the choice and, for a one-image batch, the winner's logits of it.
         """
         sample = _centre_crop(batch[:1], CHECK_SIDE)
-        candidates = ["torch", *(n for n in available_runtimes() if n == "openvino")]
-        if "openvino" not in candidates and "onnx" in available_runtimes():
-            candidates.append("onnx")
+        candidates = list(available_runtimes())
         forwards: dict[str, Forward] = {}
         outputs: dict[str, Tensor] = {}
         check: dict[str, dict[str, float]] = {}
@@ -295,8 +292,7 @@ class ModelRuntime:
                 began = time.perf_counter()
                 forward = self._build(name)
                 prepare = time.perf_counter() - began
-                if name != "torch":
-                    forward(sample)
+                forward(sample)  # the first run at a shape builds kernels (PyTorch's too: 700 against 184 ms)
                 began = time.perf_counter()
                 logits = forward(sample)
                 seconds = time.perf_counter() - began
