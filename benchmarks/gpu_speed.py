@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_large_slide import ensure_slide
+from model_speed import median_seconds
 from segment_runs import run_segment
 
 from wsi_espnet.inference import preprocess
@@ -46,19 +46,6 @@ from wsi_espnet.slides import open_slide
 
 HEIGHT, WIDTH = 512, 1024
 Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-def timed(run: Runner, batch: torch.Tensor, repeats: int, sync: Callable[[], None]) -> float:
-    for _ in range(3):
-        run(batch)
-    sync()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run(batch)
-        sync()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def model_paths(model: torch.nn.Module, device: str, skip_compile: bool) -> dict[str, Callable[[int], Runner]]:
@@ -191,7 +178,7 @@ def main() -> int:
             reference = model(batch).argmax(1)
         for path, factory in model_paths(model, device, args.skip_compile).items():
             run = factory(batch_size)
-            seconds = timed(run, batch, args.repeats, sync)
+            seconds = median_seconds(run, batch, args.repeats, sync)
             rate = batch_size * HEIGHT * WIDTH / 1e6 / seconds
             agreement = (run(batch).argmax(1) == reference).float().mean().item()
             best = max(best, rate)

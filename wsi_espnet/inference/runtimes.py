@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import threading
 import time
 import warnings
@@ -65,7 +64,6 @@ __all__ = [
     "available_runtimes",
     "check_runtime",
     "choices_file",
-    "median_seconds",
     "model_runtime",
 ]
 
@@ -449,9 +447,3 @@ def _quiet_export() -> Iterator[None]:
             yield
     finally:
         onnx_logger.setLevel(level)
-
-
-def median_seconds(forward: Forward, batch: Tensor, repeats: int) -> float:
-    """Median wall time of ``forward(batch)`` over ``repeats`` calls, after one warm-up (for benchmarks)."""
-    forward(batch)
-    return statistics.median(_timed(forward, batch) for _ in range(repeats))
