@@ -230,5 +230,7 @@ def test_large_buffers_stay_mapped_after_a_larger_one_is_freed():
         result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         mapped[mode] = int(result.stdout)
-    assert mapped["default"] == 0  # the probe sees glibc's behaviour ...
-    assert mapped["flat"] >= 2 << 20  # ... and keep_heap_flat changes it: the buffer is returned when freed
+    # With glibc's dynamic threshold (here: mapped["default"] == 0; some environments fix it already) the
+    # 2 MiB buffer comes from an arena; with keep_heap_flat it is always mapped, so freeing returns it.
+    assert mapped["flat"] >= 2 << 20
+    assert mapped["flat"] >= mapped["default"]
