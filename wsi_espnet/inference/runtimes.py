@@ -30,6 +30,7 @@ import collections
 import contextlib
 import ctypes
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -153,6 +154,7 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._forward: Forward | None = None
         self._onnx: bytes | None = None
+        self._weights = functools.cache(lambda: _weights_hash(model))  # the check's key and the ONNX file's
         self.choice: RuntimeChoice | None = None
         if requested != "auto" or placement.torch_device.type != "cpu":
             name = "torch" if requested == "auto" else requested
@@ -164,7 +166,7 @@ class ModelRuntime:
         """Logits of a normalised ``(B, C, H, W)`` batch; the first call under ``auto`` runs the check."""
         with self._lock:
             if self._forward is None:
-                key = _check_key(self.model, batch)
+                key = _check_key(self._weights(), batch)
                 cached = _read_choice(key)
                 if cached is not None:
                     self._forward, self.choice = self._build(cached.name), cached
@@ -207,7 +209,7 @@ class ModelRuntime:
         """The model as ONNX with dynamic batch, height and width: exported once (about 1.5 s) and kept
         beside the choices (``onnx/<weights hash>-torch-<version>.onnx``), so later processes only read it."""
         if self._onnx is None:
-            cached = choices_file().parent / "onnx" / f"{_weights_hash(self.model)}-torch-{torch.__version__}.onnx"
+            cached = choices_file().parent / "onnx" / f"{self._weights()}-torch-{torch.__version__}.onnx"
             with contextlib.suppress(OSError):
                 self._onnx = cached.read_bytes()
                 return self._onnx
@@ -340,14 +342,14 @@ def choices_file() -> Path:
     return Path(root) / "wsi-espnet" / "runtime-choices.json"
 
 
-def _check_key(model: nn.Module, batch: Tensor) -> str:
+def _check_key(weights: str, batch: Tensor) -> str:
     """What a check's result depends on: the weights, the input shape, this CPU, threads and runtime versions.
 
     The same model on the same machine and window size therefore always runs the same path (so reruns and
     a batch's workers on one node give identical masks), and the check is paid once, not per process.
     """
     facts = {
-        "weights": _weights_hash(model), "shape": list(_centre_crop(batch[:1], CHECK_SIDE).shape),
+        "weights": weights, "shape": list(_centre_crop(batch[:1], CHECK_SIDE).shape),
         "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "versions": {m: _version(m) for m in ("torch", *_MODULES.values())}, "min_agreement": MIN_AGREEMENT,
     }  # fmt: skip
