@@ -7,9 +7,11 @@ Subjects (real weights on real inputs, from ``$WSI_ESPNET_TEST_DATA``, default `
   1968x1968, the window ``segment`` runs by default (a 1536-px tile and its 216-px halo).
 
 Paths: eager fp32 (the baseline), channels_last (the ``torch`` runtime), bf16/fp16 autocast,
-torch.compile, the ``openvino`` and ``onnx`` runtimes of :mod:`wsi_espnet.inference.runtimes` (the
-shipped code), and, with ``--int8``, OpenVINO int8 by NNCF post-training quantisation calibrated on
-other real crops (measured, not shipped). Each row: median latency, the ratio to eager fp32, and the
+torch.compile, the ``openvino``, ``openvino-bf16`` (CPUs with native bf16) and ``onnx`` runtimes
+of :mod:`wsi_espnet.inference.runtimes` (the shipped code), and, with ``--int8``, OpenVINO int8 by
+NNCF post-training quantisation calibrated on other real crops (measured, not shipped; its
+unquantised layers run at OpenVINO's default precision, bf16 on CPUs with native bf16). Each row:
+median latency, the ratio to eager fp32, and the
 share of pixels whose label equals eager fp32's. Last, what ``--runtime auto`` picks on that input.
 
     python benchmarks/model_speed.py [--repeats 5] [--device cpu|cuda] [--skip-compile] [--int8] [--json out.json]
@@ -132,7 +134,7 @@ def paths_for(subject: Subject, device: str, skip_compile: bool, int8: bool) -> 
         paths["torch.compile"] = eager(compiled, torch.channels_last)
     if device == "cpu":
         placement = resolve("cpu", "fp32")
-        for name in ("openvino", "onnx"):
+        for name in ("openvino", "openvino-bf16", "onnx"):
             if name in available_runtimes():
                 paths[f"runtime {name}"] = ModelRuntime(copy.deepcopy(model), placement, name).logits
         if int8 and importlib.util.find_spec("nncf") is not None:

@@ -1,11 +1,17 @@
 """Where a model's forward pass runs: PyTorch, OpenVINO or ONNX Runtime, chosen by measurement.
 
-``segment`` and ``predict`` take ``--runtime auto|torch|openvino|onnx``:
+``segment`` and ``predict`` take ``--runtime auto|torch|openvino|openvino-bf16|onnx``:
 
 - ``torch``: the model itself, channels_last on CPU, autocast at the placement's precision (the only
   path on a GPU);
 - ``openvino``: the model exported once to ONNX (in memory) and compiled by OpenVINO's CPU plugin,
   which fuses batch norm, PReLU, the hierarchical sums and the concatenations into the convolutions;
+  in fp32 (OpenVINO's own default on CPUs with native bf16 is bf16: it is asked for f32 explicitly);
+- ``openvino-bf16``: the same in bfloat16, offered only on CPUs with native bf16 (AVX512-BF16 or AMX),
+  where it runs 1.5-1.7x OpenVINO fp32; asked for by name only, never by ``auto``: its labels differ from
+  fp32 on 0.2-0.5% of the pixels (CMU-1-Small-Region, a Cityscapes frame), above the 0.1% ``auto``
+  allows, even where one check window happens to agree better, and they would depend on the CPU a
+  slide ran on;
 - ``onnx``: the same graph in ONNX Runtime's CPU provider with all graph optimisations;
 - ``auto`` (the default): on a CPU, the first batch a model meets is the calibration check. Its
   first image (centre-cropped to at most :data:`CHECK_SIDE` pixels a side) runs through each path;
@@ -57,6 +63,7 @@ from wsi_espnet.errors import InputError
 from wsi_espnet.inference.predict import class_labels
 
 __all__ = [
+    "AUTO_CANDIDATES",
     "CHECK_SIDE",
     "MIN_AGREEMENT",
     "RUNTIMES",
@@ -66,10 +73,13 @@ __all__ = [
     "check_runtime",
     "choices_file",
     "model_runtime",
+    "native_bf16",
 ]
 
-RUNTIMES = ("auto", "torch", "openvino", "onnx")
+RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16", "onnx")
 """The runtime spellings ``segment`` and ``predict`` accept."""
+#: The paths ``auto`` checks: the fp32 ones, whose labels do not depend on the CPU a slide runs on.
+AUTO_CANDIDATES = ("torch", "openvino", "onnx")
 
 #: Least share of calibration pixels whose label must equal PyTorch fp32's for ``auto`` to pick a path.
 MIN_AGREEMENT = 0.999
@@ -77,7 +87,9 @@ MIN_AGREEMENT = 0.999
 CHECK_SIDE = 2048
 #: Input shapes OpenVINO keeps compiled at once (a slide's windows share one or two shapes).
 OPENVINO_SHAPES = 4
-_MODULES = {"openvino": "openvino", "onnx": "onnxruntime"}
+_MODULES = {"openvino": "openvino", "openvino-bf16": "openvino", "onnx": "onnxruntime"}
+#: OpenVINO's inference precision for each of its runtimes.
+_OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
 
 log = logging.getLogger(__name__)
 Forward = Callable[[Tensor], Tensor]
@@ -91,16 +103,30 @@ def check_runtime(text: str) -> str:
 
 
 def available_runtimes() -> tuple[str, ...]:
-    """The runtimes this Python can run (``torch`` always; the others when their package is installed)."""
+    """The runtimes this Python can run here: ``torch`` always, the others when their package is installed
+    (``openvino-bf16`` only where the CPU computes bf16 natively; emulated it is slower than fp32)."""
     found = [name for name, module in _MODULES.items() if importlib.util.find_spec(module) is not None]
+    if "openvino-bf16" in found and not native_bf16():
+        found.remove("openvino-bf16")
     return ("torch", *found)
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # no OpenVINO, or a CPU plugin that cannot start: no bf16 path
+        return False
 
 
 @dataclass(frozen=True)
 class RuntimeChoice:
     """Which path a process runs and why.
 
-    name : "torch", "openvino" or "onnx".
+    name : "torch", "openvino", "openvino-bf16" or "onnx".
     requested : what was asked for ("auto" or a name).
     agreement : share of the calibration pixels whose label equals PyTorch fp32's (1.0 for torch;
         None when no check ran: a path named explicitly).
@@ -137,15 +163,21 @@ class ModelRuntime:
                 f"runtime {requested!r} runs on the CPU, but device {placement.device!r} was asked for; "
                 "use [[runtime=torch]] (or auto) on a GPU, or [[device=cpu]]."
             )
-        if requested in _MODULES and placement.precision != "fp32":
+        own = "bf16" if requested == "openvino-bf16" else "fp32"
+        if requested in _MODULES and placement.precision not in ("fp32", own):
             raise InputError(
-                f"runtime {requested!r} runs fp32 only, but precision {placement.precision!r} was asked for; "
+                f"runtime {requested!r} runs {own} only, but precision {placement.precision!r} was asked for; "
                 "use [[precision=fp32]] (or auto), or [[runtime=torch]] for autocast."
             )
         if requested in _MODULES and importlib.util.find_spec(_MODULES[requested]) is None:
             raise InputError(
                 f"runtime {requested!r} needs the {_MODULES[requested]} package: pip install {_MODULES[requested]}, "
                 f"or use one of {', '.join(available_runtimes())}."
+            )
+        if requested == "openvino-bf16" and not native_bf16():
+            raise InputError(
+                f"runtime 'openvino-bf16' needs a CPU that computes bfloat16 natively (AVX512-BF16 or AMX), and "
+                f"{_cpu_name()!r} does not; use one of {', '.join(available_runtimes())} (or auto)."
             )
         self.model = model
         self.placement = placement
@@ -185,8 +217,8 @@ class ModelRuntime:
     def _build_path(self, name: str) -> Forward:
         if name == "torch":
             return self._torch_forward()
-        if name == "openvino":
-            return self._openvino_forward()
+        if name in _OPENVINO_PRECISIONS:
+            return self._openvino_forward(_OPENVINO_PRECISIONS[name])
         return self._onnx_forward()
 
     def _torch_forward(self) -> Forward:
@@ -233,14 +265,18 @@ class ModelRuntime:
                 log.debug("could not keep the ONNX export in %s: %s", cached, exc)
         return self._onnx
 
-    def _openvino_forward(self) -> Forward:
-        """OpenVINO, compiled once per input shape: a static shape lets its memory planner reuse buffers
-        (a 1968-px window peaked at 904 MiB against 1167 MiB compiled for dynamic shapes, at the same speed)."""
+    def _openvino_forward(self, precision: str) -> Forward:
+        """OpenVINO at ``precision`` ("f32" or "bf16"), compiled once per input shape: a static shape lets
+        its memory planner reuse buffers (a 1968-px window peaked at 904 MiB against 1167 MiB compiled for
+        dynamic shapes, at the same speed)."""
         import openvino as ov
 
         core = ov.Core()
         graph = ov.convert_model(io.BytesIO(self._onnx_bytes()))
-        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        settings = {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": precision,
+        }  # fmt: skip
         requests: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
 
         def forward(batch: Tensor) -> Tensor:
@@ -282,7 +318,7 @@ class ModelRuntime:
         Returns the winner, the choice and, for a one-image batch, the winner's logits of it.
         """
         sample = _centre_crop(batch[:1], CHECK_SIDE)
-        candidates = list(available_runtimes())
+        candidates = [name for name in available_runtimes() if name in AUTO_CANDIDATES]
         forwards: dict[str, Forward] = {}
         outputs: dict[str, Tensor] = {}
         check: dict[str, dict[str, float]] = {}
@@ -352,6 +388,7 @@ def _check_key(weights: str, batch: Tensor) -> str:
         "weights": weights, "shape": list(_centre_crop(batch[:1], CHECK_SIDE).shape),
         "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "versions": {m: _version(m) for m in ("torch", *_MODULES.values())}, "min_agreement": MIN_AGREEMENT,
+        "runtimes": available_runtimes(),  # also retires checks made when "openvino" could mean bf16
     }  # fmt: skip
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
