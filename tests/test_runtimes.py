@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -249,3 +250,22 @@ def test_large_buffers_stay_mapped_after_a_larger_one_is_freed():
     # 2 MiB buffer comes from an arena; with keep_heap_flat it is always mapped, so freeing returns it.
     assert mapped["flat"] >= 2 << 20
     assert mapped["flat"] >= mapped["default"]
+
+
+def test_openvino_sends_no_usage_telemetry(tmp_path):
+    # OpenVINO's import and converter send usage events (and write ~/intel) unless the user opted out.
+    code = (
+        "import sys, torch\n"
+        "from wsi_espnet.devices import resolve\n"
+        "from wsi_espnet.inference.runtimes import ModelRuntime\n"
+        "from wsi_espnet.models import load_model\n"
+        "from wsi_espnet.models.registry import default_model_path\n"
+        "model, _ = load_model(default_model_path())\n"
+        "ModelRuntime(model, resolve('cpu', 'fp32'), 'openvino').logits(torch.zeros(1, 3, 64, 64))\n"
+        "assert sys.modules.get('openvino_telemetry') is None, 'the telemetry package was imported'\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("CI", None)  # OpenVINO stays quiet in CI on its own; a user's machine is not CI
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "intel").exists(), "OpenVINO wrote its telemetry id and stats into HOME"

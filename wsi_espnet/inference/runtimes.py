@@ -38,6 +38,7 @@ import ctypes
 import datetime
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import io
@@ -45,6 +46,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -52,6 +54,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -72,6 +75,7 @@ __all__ = [
     "available_runtimes",
     "check_runtime",
     "choices_file",
+    "import_openvino",
     "model_runtime",
     "native_bf16",
 ]
@@ -111,13 +115,26 @@ def available_runtimes() -> tuple[str, ...]:
     return ("torch", *found)
 
 
+def import_openvino() -> ModuleType:
+    """``openvino``, imported without its usage telemetry.
+
+    Importing OpenVINO sends a usage event to Google Analytics unless the user has opted out (its
+    converter does the same per model), from a subprocess forked off the (multi-threaded) caller that
+    may wait up to 3 s without internet, in every worker process. Slides are read on hospital
+    networks, so the telemetry package is kept out of this process (``openvino.tools.ovc`` then
+    falls back to its own no-op stub); OpenVINO's inference does not use it. A process that imported
+    the telemetry package before keeps it.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # None: ImportError
+    return importlib.import_module("openvino")
+
+
 @functools.cache
 def native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
     try:
-        import openvino as ov
-
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # no OpenVINO, or a CPU plugin that cannot start: no bf16 path
         return False
 
@@ -269,10 +286,11 @@ class ModelRuntime:
         """OpenVINO at ``precision`` ("f32" or "bf16"), compiled once per input shape: a static shape lets
         its memory planner reuse buffers (a 1968-px window peaked at 904 MiB against 1167 MiB compiled for
         dynamic shapes, at the same speed)."""
-        import openvino as ov
-
-        core = ov.Core()
-        graph = ov.convert_model(io.BytesIO(self._onnx_bytes()))
+        core = import_openvino().Core()
+        # The runtime's own ONNX reader, not ov.convert_model: the converter sends usage telemetry to Google
+        # Analytics unless the user has opted out (a subprocess waiting up to 3 s offline), and slides are
+        # often read on hospital networks. Same graph, 24 ms instead of 200 ms + telemetry.
+        graph = core.read_model(self._onnx_bytes(), b"")
         settings = {
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
             "INFERENCE_PRECISION_HINT": precision,
@@ -319,10 +337,9 @@ class ModelRuntime:
         """
         sample = _centre_crop(batch[:1], CHECK_SIDE)
         candidates = [name for name in available_runtimes() if name in AUTO_CANDIDATES]
-        forwards: dict[str, Forward] = {}
-        outputs: dict[str, Tensor] = {}
         check: dict[str, dict[str, float]] = {}
         reference: Tensor | None = None
+        best: tuple[str, Forward, Tensor] | None = None  # only the fastest agreeing path so far stays alive
         for name in candidates:
             try:
                 began = time.perf_counter()
@@ -336,21 +353,24 @@ class ModelRuntime:
                 log.warning("runtime %s left out of the check: %s", name, exc)
                 continue
             labels = class_labels(logits)
-            _release_freed_memory()  # or the next candidate's buffers stack on this one's freed heap
             reference = labels if reference is None else reference
             agreement = float((labels == reference).float().mean())
-            forwards[name], outputs[name] = forward, logits
             check[name] = {"seconds": seconds, "agreement": agreement, "prepare_seconds": prepare}
-        eligible = [n for n in forwards if check[n]["agreement"] >= MIN_AGREEMENT]
-        best = min(eligible, key=lambda n: check[n]["seconds"])
+            if agreement >= MIN_AGREEMENT and (best is None or seconds < check[best[0]]["seconds"]):
+                best = (name, forward, logits)
+            del forward, logits, labels  # a loser's compiled model and buffers go before the next one is built
+            _release_freed_memory()  # or the next candidate's buffers stack on this one's freed heap
+        if best is None:
+            raise RuntimeError(f"no runtime could run the check ({', '.join(candidates)}); see the warnings above")
+        name, forward, logits = best
         log.info(
-            "runtime auto: %s (%s)", best,
+            "runtime auto: %s (%s)", name,
             ", ".join(f"{n} {c['seconds'] * 1e3:.0f} ms, agreement {c['agreement']:.5f}" for n, c in check.items()),
         )  # fmt: skip
-        reusable = outputs[best] if batch.shape[0] == 1 and sample.shape == batch.shape else None
+        reusable = logits if batch.shape[0] == 1 and sample.shape == batch.shape else None
         measured = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        choice = RuntimeChoice(best, "auto", check[best]["agreement"], check, measured)
-        return forwards[best], choice, reusable
+        choice = RuntimeChoice(name, "auto", check[name]["agreement"], check, measured)
+        return forward, choice, reusable
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, str, bool], ModelRuntime]] = (
