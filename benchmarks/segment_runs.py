@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_espnet.segmentation.planning import plan_slide
-from wsi_espnet.slides import open_slide
-
 
 @dataclass(frozen=True)
 class SegmentRun:
@@ -56,10 +53,23 @@ def run_segment(
     return SegmentRun(seconds, usage.ru_maxrss / 1024, provenance)
 
 
-def window_pixels_per_output_pixel(slide: Path, tile_size: int, halo: int, model_config: Any) -> float:
-    """Window pixels the model runs per output pixel kept, over the tiles touching tissue."""
-    with open_slide(slide) as reader:
-        plan = plan_slide(reader, model_config, halo=halo, tile_size=tile_size)
-    window = sum(t.window_height * t.window_width for t in plan.tissue_tiles)
-    output = sum(t.height * t.width for t in plan.tissue_tiles)
-    return window / output
+_WINDOW_RATIO = """
+import sys
+from wsi_espnet.models import load_model
+from wsi_espnet.models.registry import default_model_path
+from wsi_espnet.segmentation.planning import plan_slide
+from wsi_espnet.slides import open_slide
+_, config = load_model(default_model_path())
+with open_slide(sys.argv[1]) as reader:
+    plan = plan_slide(reader, config, halo=int(sys.argv[3]), tile_size=int(sys.argv[2]))
+window = sum(t.window_height * t.window_width for t in plan.tissue_tiles)
+print(window / sum(t.height * t.width for t in plan.tissue_tiles))
+"""
+
+
+def window_pixels_per_output_pixel(slide: Path, tile_size: int, halo: int, package_root: Path | None = None) -> float:
+    """Window pixels the default model runs per output pixel kept, over the tiles touching tissue, as the
+    checkout at ``package_root`` (default: this one) plans the slide."""
+    command = [sys.executable, "-c", _WINDOW_RATIO, str(slide), str(tile_size), str(halo)]
+    result = subprocess.run(command, cwd=package_root or Path.cwd(), capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])

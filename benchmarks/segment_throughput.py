@@ -27,9 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_large_slide import ensure_slide
 from segment_runs import SegmentRun, run_segment, window_pixels_per_output_pixel
 
-from wsi_espnet.models import load_model
-from wsi_espnet.models.registry import default_model_path
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +38,6 @@ def main() -> int:
     args = parser.parse_args()
 
     slide = ensure_slide(args.size)
-    _, config = load_model(default_model_path())
     with tempfile.TemporaryDirectory(prefix="wsi-espnet-throughput-") as tmp_text:
         tmp = Path(tmp_text)
         worktree = tmp / "baseline"
@@ -62,6 +58,10 @@ def main() -> int:
                     print(f"{side} run {index + 1}: {run.seconds:7.1f} s  {rate:6.2f} MP/s  "
                           f"peak RSS {run.peak_rss_mib:6.0f} MiB  model {execution['model_forward_s']:.1f} s  "
                           f"runtime {runtime}", flush=True)  # fmt: skip
+            ratios = {}  # each side's own plan of the slide, from its own checkout
+            for side, root in (("new", ROOT), ("old", worktree)):
+                tiling = runs[side][0].provenance["tiling"]
+                ratios[side] = window_pixels_per_output_pixel(slide, tiling["tile_size"], tiling["halo"], root)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
 
@@ -73,7 +73,7 @@ def main() -> int:
         seconds = statistics.median(r.seconds for r in later)
         rates[side] = side_runs[0].output_megapixels / seconds
         tiling = side_runs[0].provenance["tiling"]
-        ratio = window_pixels_per_output_pixel(slide, tiling["tile_size"], tiling["halo"], config)
+        ratio = ratios[side]
         print(f"{side}: median {seconds:.1f} s = {rates[side]:.2f} MP/s, peak RSS "
               f"{max(r.peak_rss_mib for r in side_runs):.0f} MiB; tile {tiling['tile_size']}, halo {tiling['halo']}: "
               f"{ratio:.2f} window px per output px")  # fmt: skip

@@ -64,7 +64,18 @@ def _check_windows(plan: TilePlan) -> None:
             assert window_size % TOTAL_STRIDE == 0
             assert 0 <= window_start <= start
             assert start + size <= window_start + window_size <= _ceil_to_stride(extent)
-            assert window_size == min(_ceil_to_stride(plan.tile_size + 2 * plan.halo), _ceil_to_stride(extent))
+            full = min(_ceil_to_stride(plan.tile_size + 2 * plan.halo), _ceil_to_stride(extent))
+            if start + plan.tile_size >= extent and window_size != full:
+                # A thin last tile: two halos before it and the slide's end after it, shorter than a full window.
+                assert (window_start, window_size) == (
+                    start - 2 * plan.halo,
+                    _ceil_to_stride(extent) - start + 2 * plan.halo,
+                )
+                assert window_size < full
+            else:
+                assert window_size == full
+    shapes = {(t.window_height, t.window_width) for t in plan}
+    assert len(shapes) <= 4, f"{len(shapes)} window shapes: each costs a compiled runtime"
 
 
 def _check_near_side_halo(plan: TilePlan) -> None:
@@ -123,8 +134,8 @@ def test_far_side_halo_not_a_stride_multiple(shape: tuple[int, int], tile_size: 
         ((5, 7), 64, 100, (8, 8)),
         ((100, 37), 512, 0, (104, 40)),
         ((300, 200), 256, 376, (304, 200)),
-        ((1000, 1500), 256, 100, (464, 464)),
-        ((1000, 1500), 256, 376, (1000, 1008)),
+        ((464, 464), 256, 100, (464, 464)),
+        ((1000, 1004), 256, 376, (1000, 1008)),
     ],
 )
 def test_window_side_is_tile_plus_halos_or_the_padded_image(
@@ -134,14 +145,31 @@ def test_window_side_is_tile_plus_halos_or_the_padded_image(
     assert {(t.window_height, t.window_width) for t in plan} == {window}
 
 
+def test_thin_last_tiles_get_short_windows() -> None:
+    # The breast model at 1 um/px on a 10k slide at 0.5 um/px: a 5000-px grid, tiles 1536, halo 216.
+    plan = plan_tiles((5000, 5000), tile_size=1536, halo=216)
+    lengths = sorted({t.window_width for t in plan})
+    assert lengths == [392 + 2 * 216, 1536 + 2 * 216]
+    last = plan.tiles[-1]
+    assert (last.window_top, last.window_left) == (4608 - 432, 4608 - 432)
+    # Window pixels per output pixel over the whole plan: 1.81 instead of 2.48 with full windows.
+    window_pixels = sum(t.window_height * t.window_width for t in plan)
+    assert window_pixels / 5000**2 == pytest.approx((3 * 1968 + 824) ** 2 / 5000**2)
+    assert window_pixels < 0.75 * (4 * 1968) ** 2
+
+
 @pytest.mark.parametrize(
     ("shape", "tile_size", "halo", "index", "window_top_left"),
     [
         # An interior tile: the window starts halo px (rounded up to the stride) before it.
         ((2048, 2048), 256, 100, 9, (152, 152)),
         # The last tile's window is shifted inward to end at the 8-padded image edge, not padded further.
-        ((1000, 1500), 256, 100, -1, (1000 - 464, 1504 - 464)),
-        ((1000, 1500), 256, 0, -1, (744, 1248)),
+        # The last tile's window is shifted inward to end at the 8-padded image edge, not padded further.
+        ((1024, 1536), 256, 100, -1, (1024 - 464, 1536 - 464)),
+        # A thin last tile (232 x 220 px): its window starts two halos before it and stops at the edge.
+        ((1000, 1500), 256, 100, -1, (768 - 208, 1280 - 208)),
+        ((1000, 1500), 256, 100, -2, (768 - 208, 1024 - 104)),
+        ((1000, 1500), 256, 0, -1, (768, 1280)),
         ((1000, 1500), 256, 0, 0, (0, 0)),
     ],
 )

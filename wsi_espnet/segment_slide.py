@@ -432,6 +432,8 @@ def _run_key(slide: Path, model_sha: str, plan: SlidePlan, options: SegmentOptio
         },
         "tile_size": plan.tiles.tile_size,
         "halo": plan.tiles.halo,
+        # Where every window lies, so a store started by a release that placed windows otherwise is not resumed.
+        "windows": hashlib.sha256(repr([t.window for t in plan.tiles]).encode()).hexdigest(),
         "chunk": options.chunk_size,
         "batch_size": options.batch_size,
         "tissue": dataclasses.asdict(options.tissue),

@@ -7,8 +7,9 @@ tile size, which is a multiple of the store's chunk size, so no two tiles write 
 Each tile's window extends ``halo`` pixels beyond it, snapped to the network's stride (8) so every
 window sees the same down-sampling phase as whole-image inference would, and shifted inward at the
 slide's edges rather than padded, so the network meets the real border where whole-image inference
-meets it too. Windows therefore all have one size (except on slides smaller than a window), which
-batches well.
+meets it too. Windows therefore have one size, except the last row's and column's when their tiles
+are thin strips (those windows stop at the slide's edge: the strip plus two halos) and on slides
+smaller than a window; same-sized windows batch together.
 """
 
 from __future__ import annotations
@@ -84,10 +85,23 @@ class TilePlan:
 
 
 def _window(start: int, extent: int, tile_size: int, halo: int, stride: int) -> tuple[int, int]:
-    """Window start and length along one axis for the tile starting at ``start``."""
+    """Window start and length along one axis for the tile starting at ``start``.
+
+    A full window (tile + both halos) is shifted inward at the slide's edges, except the last tile's:
+    when a full window would have to shift inward to end at the slide's end, the last tile's window
+    starts two halos before it (as much context as a full window gives a tile, all on the side where
+    the slide goes on) and stops at the slide's end, unless the tile before it already has the shifted
+    window (then both share it and it runs once; so does a whole axis that one window holds). A thin
+    strip at the far edge then costs its own pixels plus two halos instead of a whole window, and a plan
+    has at most two window lengths per axis (the full one and the last tile's), so at most four shapes.
+    """
     padded_extent = -(-extent // stride) * stride
     length = min(-(-(tile_size + 2 * halo) // stride) * stride, padded_extent)
     first = min(max(start - halo, 0), padded_extent - length)
+    last_start = padded_extent - length  # where a window shifted inward to the end starts
+    previous_shared = start - tile_size - halo >= last_start  # the tile before already has that window: share it
+    if start + tile_size >= extent and start - 2 * halo > first and length < padded_extent and not previous_shared:
+        return start - 2 * halo, padded_extent - (start - 2 * halo)
     return first, length
 
 
@@ -96,7 +110,8 @@ def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int, stride: int
 
     ``tile_size`` must be a positive multiple of the network's ``stride`` and ``halo`` non-negative;
     the halo is rounded up to a multiple of the stride (the plan's ``halo`` is the rounded value).
-    Window sides are ``tile_size + 2 * halo``, or the whole (stride-padded) grid if that is smaller.
+    Window sides are ``tile_size + 2 * halo``, or the whole (stride-padded) grid if that is smaller, or, for
+    a thin last row or column, from ``halo`` before its tiles to the (stride-padded) grid's end.
     """
     height, width = shape
     if height <= 0 or width <= 0:

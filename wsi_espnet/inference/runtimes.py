@@ -14,20 +14,22 @@
   slide ran on;
 - ``onnx``: the same graph in ONNX Runtime's CPU provider with all graph optimisations;
 - ``auto`` (the default): on a CPU, the first batch a model meets is the calibration check. Its
-  first image (centre-cropped to at most :data:`CHECK_SIDE` pixels a side) runs through each path;
+  first image, centre-cropped (or, if smaller, repeated) to :data:`CHECK_SIDE` pixels square, runs
+  through each fp32 path;
   the fastest whose labels agree with PyTorch fp32 on at least :data:`MIN_AGREEMENT` of the pixels
   wins, and the choice (with every path's time and agreement) is recorded. On a GPU, ``torch``.
 
-The check runs on real input (the slide's own first tissue window, at its real size, since the paths
-scale differently with size) and costs about 7 s on a 2-core CPU (exporting and compiling 2.7 s, two runs
-of each path). Its result is kept in :func:`choices_file`, keyed by the weights, the input size, the
-CPU, the thread count and the runtimes' versions: the check runs once per machine, model and window
-size, and every later run there (and every worker of a batch on that node) runs the same path, so
-reruns give identical masks. Delete the file to check again. Every installed runtime joins the check:
-which of OpenVINO and ONNX Runtime wins depends on the model and the window (``benchmarks/model_speed.py``).
+The check runs on real input (the slide's own first tissue window, cropped or repeated to one square
+size) and costs about 3 s on a 2-core CPU (exporting and compiling, two runs of each path). Its result
+is kept in :func:`choices_file`, keyed by the weights, the CPU, the thread count and the runtimes'
+versions: the check runs once per machine and model, and every later run there (and every worker of a
+batch on that node, whichever window it meets first) runs the same path, so reruns give identical
+masks. Delete the file to check again. Every installed fp32 runtime joins the check: which of them
+wins depends on the model and the CPU (``benchmarks/model_speed.py``).
 
 int8 post-training quantisation was measured and left out: OpenVINO NNCF int8 ran 2.2-2.5x eager fp32 at
-1024x512 on an AVX2 CPU without VNNI but agreed on only 91-98% of the pixels (ONNX Runtime QDQ int8: 80-89%).
+1024x512 on an AVX2 CPU without VNNI (2.7-4.4x with VNNI) but agreed on only 91-98% of the pixels (ONNX
+Runtime QDQ int8: 80-89%).
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ AUTO_CANDIDATES = ("torch", "openvino", "onnx")
 
 #: Least share of calibration pixels whose label must equal PyTorch fp32's for ``auto`` to pick a path.
 MIN_AGREEMENT = 0.999
-#: Longest side of the calibration input (a multiple of 8): larger first images are centre-cropped to it.
-CHECK_SIDE = 2048
+#: Side of the square calibration input (a multiple of 8): the first image, centre-cropped or repeated to
+#: it. One size for every window, so the choice does not depend on which window of a slide a process
+#: meets first: a batch's workers and a single-slide run on one machine run the same path.
+CHECK_SIDE = 1024
 #: Input shapes OpenVINO keeps compiled at once (a slide's windows share one or two shapes).
 OPENVINO_SHAPES = 4
 _MODULES = {"openvino": "openvino", "openvino-bf16": "openvino", "onnx": "onnxruntime"}
@@ -216,14 +220,15 @@ class ModelRuntime:
         with self._lock:
             if self._forward is None:
                 key = _check_key(self._weights(), batch)
-                cached = _read_choice(key)
-                if cached is not None:
-                    self._forward, self.choice = self._build(cached.name), cached
-                else:
-                    self._forward, self.choice, logits = self._calibrate(batch)
-                    _write_choice(key, self.choice)
-                    if logits is not None:
-                        return logits
+                with _choices_locked():  # one process checks; the others on this machine wait and read its choice
+                    cached = _read_choice(key)
+                    if cached is not None:
+                        self._forward, self.choice = self._build(cached.name), cached
+                    else:
+                        self._forward, self.choice, logits = self._calibrate(batch)
+                        _write_choice(key, self.choice)
+                        if logits is not None:
+                            return logits
             return self._forward(batch)
 
     # -- the paths -------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ class ModelRuntime:
         first run at a shape builds its kernels) and a timed run; PyTorch's labels are the reference.
         Returns the winner, the choice and, for a one-image batch, the winner's logits of it.
         """
-        sample = _centre_crop(batch[:1], CHECK_SIDE)
+        sample = _check_input(batch[:1])
         candidates = [name for name in available_runtimes() if name in AUTO_CANDIDATES]
         check: dict[str, dict[str, float]] = {}
         reference: Tensor | None = None
@@ -399,14 +404,17 @@ def choices_file() -> Path:
 
 
 def _check_key(weights: str, batch: Tensor) -> str:
-    """What a check's result depends on: the weights, the input shape, this CPU, threads and runtime versions.
+    """What a check's result depends on: the weights, the check input's shape (channels; always
+    :data:`CHECK_SIDE` square), this CPU and the runtimes' versions.
 
-    The same model on the same machine and window size therefore always runs the same path (so reruns and
-    a batch's workers on one node give identical masks), and the check is paid once, not per process.
+    The same model on the same machine therefore always runs the same path, whatever window a process
+    meets first and however many threads it has (a batch's single-threaded workers and a two-thread
+    ``segment`` give identical masks; timings alone would pick differently), and the check is paid
+    once, not per process.
     """
     facts = {
-        "weights": weights, "shape": list(_centre_crop(batch[:1], CHECK_SIDE).shape),
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "weights": weights, "shape": list(_check_input(batch[:1]).shape),
+        "cpu": _cpu_name(), "cores": os.cpu_count(),
         "versions": {m: _version(m) for m in ("torch", *_MODULES.values())}, "min_agreement": MIN_AGREEMENT,
         "runtimes": available_runtimes(),  # also retires checks made when "openvino" could mean bf16
     }  # fmt: skip
@@ -420,6 +428,28 @@ def _weights_hash(model: nn.Module) -> str:
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return weights.hexdigest()
+
+
+@contextlib.contextmanager
+def _choices_locked() -> Iterator[None]:
+    """Hold an exclusive lock beside :func:`choices_file` (POSIX ``flock``), so that the processes of a batch
+    starting together on a fresh machine run one check between them, not one each (each could pick
+    another path). Without a writable cache folder or ``fcntl``, no lock: each process checks for itself."""
+    try:
+        import fcntl
+
+        path = choices_file().with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_choice(key: str) -> RuntimeChoice | None:
@@ -474,11 +504,13 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _centre_crop(batch: Tensor, side: int) -> Tensor:
+def _check_input(batch: Tensor, side: int = CHECK_SIDE) -> Tensor:
+    """``batch`` as ``side x side``: centre-cropped where larger, repeated (tiled) where smaller."""
     height, width = batch.shape[-2:]
-    crop_h, crop_w = min(height, side), min(width, side)
-    top, left = (height - crop_h) // 2 // 8 * 8, (width - crop_w) // 2 // 8 * 8
-    return batch[..., top : top + crop_h, left : left + crop_w].contiguous()
+    batch = batch.repeat(1, 1, -(-side // height), -(-side // width)) if height < side or width < side else batch
+    height, width = batch.shape[-2:]
+    top, left = (height - side) // 2 // 8 * 8, (width - side) // 2 // 8 * 8
+    return batch[..., top : top + side, left : left + side].contiguous()
 
 
 def _timed(forward: Forward, batch: Tensor) -> float:
