@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from wsi_espnet.errors import InputError
 from wsi_espnet.models.espnet import TOTAL_STRIDE
+from wsi_espnet.segmentation.planning import tile_groups, window_key
 from wsi_espnet.tiling import Tile, TilePlan, plan_tiles
 
 HALOS = (0, 8, 100, 376)
@@ -236,3 +237,22 @@ def test_plan_properties(height: int, width: int, tile_size: int, halo: int) -> 
     _check_near_side_halo(plan)
     if halo % TOTAL_STRIDE == 0:
         _check_far_side_halo(plan)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_tile_groups_run_each_window_shape_together_largest_first(batch_size: int) -> None:
+    # A 20k slide's grid at 1 um/px: full windows, the last column's and last row's, and the corner's.
+    plan = plan_tiles((10000, 10000), tile_size=1536, halo=216)
+    groups = tile_groups(plan.tiles, batch_size)
+    order = [window_key(t)[2:] for group in groups for t in group]
+    assert len(set(order)) == 4
+    # Each shape appears in one run, larger shapes first; within a shape, row-major.
+    runs = [shape for i, shape in enumerate(order) if i == 0 or order[i - 1] != shape]
+    assert len(runs) == 4
+    assert [h * w for h, w in runs] == sorted((h * w for h, w in runs), reverse=True)
+    for shape in runs:
+        tiles = [t for group in groups for t in group if window_key(t)[2:] == shape]
+        assert [(t.row, t.col) for t in tiles] == sorted((t.row, t.col) for t in tiles)
+    # Every tile exactly once, and no batch mixes shapes unless one shape ran out.
+    assert sorted((t.row, t.col) for group in groups for t in group) == [(t.row, t.col) for t in plan.tiles]
+    assert sum(len({window_key(t)[2:] for t in group}) > 1 for group in groups) <= 3

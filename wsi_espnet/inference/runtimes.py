@@ -93,8 +93,10 @@ MIN_AGREEMENT = 0.999
 #: it. One size for every window, so the choice does not depend on which window of a slide a process
 #: meets first: a batch's workers and a single-slide run on one machine run the same path.
 CHECK_SIDE = 1024
-#: Input shapes OpenVINO keeps compiled at once (a slide's windows share one or two shapes).
-OPENVINO_SHAPES = 4
+#: Input shapes OpenVINO keeps compiled at once. Each compiled shape holds its own activation memory
+#: (a 1968-px window: ~400 MB), and a slide's windows come grouped by shape (at most four shapes, see
+#: ``tile_groups``), so one is enough: a 20k slide's four shapes kept together peaked 380 MB higher.
+OPENVINO_SHAPES = 1
 _MODULES = {"openvino": "openvino", "openvino-bf16": "openvino", "onnx": "onnxruntime"}
 #: OpenVINO's inference precision for each of its runtimes.
 _OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}

@@ -111,13 +111,21 @@ def tile_groups(tiles: tuple[Tile, ...] | list[Tile], batch_size: int) -> list[l
     """Fixed batches of ``batch_size`` distinct windows, with every tile each window serves.
 
     On slides narrower than a window several tiles share one window; grouping them lets the task run
-    it once. The grouping depends only on the plan, so a resumed run batches (and computes) alike.
+    it once. Windows come largest shape first, each shape together (row-major within it), so a batch
+    holds one shape and a runtime compiled per shape meets each shape once, largest first (the peak
+    comes at the start, not late in a long slide). The grouping depends only on the plan, so a resumed
+    run batches (and computes) alike.
     """
     by_window: dict[tuple[int, int, int, int], list[Tile]] = {}
     for tile in tiles:
         by_window.setdefault(window_key(tile), []).append(tile)
-    windows = list(by_window.values())
+    windows = sorted(by_window.values(), key=lambda group: _shape_order(group[0]))
     return [[t for group in windows[i : i + batch_size] for t in group] for i in range(0, len(windows), batch_size)]
+
+
+def _shape_order(tile: Tile) -> tuple[int, int, int]:
+    """Sort key: larger windows first, then by height (a stable sort keeps row-major order within a shape)."""
+    return -tile.window_height * tile.window_width, -tile.window_height, -tile.window_width
 
 
 def tiles_touching(plan: SlidePlan, region: Region) -> list[Tile]:
