@@ -1062,3 +1062,32 @@ def test_annotated_slides_example_with_real_files(
         manifest.class_names.index("tumour"),
         IGNORE,
     }
+
+
+# --- the cross-source folds of the breast model (benchmarks/breast_folds.py) --------------------
+FOLDS = sorted((MANIFESTS / "breast-tumour-folds").glob("held-out-*.yaml"))
+FOLD_NAMES = {
+    "bcss-224": "held-out-bcss-224", "bcss-roi-binary": "held-out-bcss-regions", "camelyon-tiles": "held-out-camelyon",
+}  # fmt: skip
+
+
+def test_breast_folds_each_hold_out_one_whole_source(shared_data):
+    assert len(FOLDS) == 3
+    held_out = []
+    for path in FOLDS:
+        manifest = load_shipped(str(path.relative_to(MANIFESTS)), shared_data)
+        assert manifest.class_names == load_shipped("breast-tumour.yaml", shared_data).class_names
+        (test_source,) = [s.name for s in manifest.sources if "test" in s.splits]
+        held_out.append(test_source)
+        assert path.stem == FOLD_NAMES[test_source]
+        test = list_samples(manifest, "test")
+        assert test
+        assert {s.source.name for s in test} == {test_source}
+        for split in ("train", "val"):
+            samples = list_samples(manifest, split)
+            assert samples, f"{path.name} has no {split} samples"
+            assert test_source not in {s.source.name for s in samples}, f"{path.name} trains on its test source"
+        # Every file of the held-out source is tested, not a part of it.
+        source = next(s for s in manifest.sources if s.name == test_source)
+        assert len(test) == len(list((source.root / "images").iterdir()))
+    assert sorted(held_out) == ["bcss-224", "bcss-roi-binary", "camelyon-tiles"]
