@@ -45,6 +45,7 @@ def train_folds(folds: list[Path], args: argparse.Namespace) -> dict[str, float]
     """Train every fold that has no model yet, side by side; return each one's wall seconds."""
     init = data_dir() / "espnet-original" / "weights" / "encoder_espnet_p_2_q_8.pth"
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    logs = []
     for manifest in folds:
         out = args.out / manifest.stem
         if (out / "model.safetensors").is_file():
@@ -56,6 +57,7 @@ def train_folds(folds: list[Path], args: argparse.Namespace) -> dict[str, float]
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WSI_ESPNET_TEST_DATA": str(data_dir())}
         log = (args.out / f"{manifest.stem}.train.log").open("wb")
+        logs.append(log)
         running[manifest.stem] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
         print(f"training {manifest.stem} -> {out}", flush=True)
     seconds = {}
@@ -63,6 +65,8 @@ def train_folds(folds: list[Path], args: argparse.Namespace) -> dict[str, float]
         if process.wait() != 0:
             sys.exit(f"training {name} failed; see {args.out / f'{name}.train.log'}")
         seconds[name] = time.time() - began
+    for log in logs:
+        log.close()
     return seconds
 
 

@@ -111,7 +111,7 @@ def plan_tiles(shape: tuple[int, int], *, tile_size: int, halo: int, stride: int
     ``tile_size`` must be a positive multiple of the network's ``stride`` and ``halo`` non-negative;
     the halo is rounded up to a multiple of the stride (the plan's ``halo`` is the rounded value).
     Window sides are ``tile_size + 2 * halo``, or the whole (stride-padded) grid if that is smaller, or, for
-    a thin last row or column, from ``halo`` before its tiles to the (stride-padded) grid's end.
+    a thin last row or column, from two halos before its tiles to the (stride-padded) grid's end.
     """
     height, width = shape
     if height <= 0 or width <= 0:

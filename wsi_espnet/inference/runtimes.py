@@ -21,8 +21,8 @@
 
 The check runs on real input (the slide's own first tissue window, cropped or repeated to one square
 size) and costs about 3 s on a 2-core CPU (exporting and compiling, two runs of each path). Its result
-is kept in :func:`choices_file`, keyed by the weights, the CPU, the thread count and the runtimes'
-versions: the check runs once per machine and model, and every later run there (and every worker of a
+is kept in :func:`choices_file`, keyed by the weights, the CPU and the runtimes' versions (not the
+thread count): the check runs once per machine and model, and every later run there (and every worker of a
 batch on that node, whichever window it meets first) runs the same path, so reruns give identical
 masks. Delete the file to check again. Every installed fp32 runtime joins the check: which of them
 wins depends on the model and the CPU (``benchmarks/model_speed.py``).
@@ -415,7 +415,7 @@ def _check_key(weights: str, batch: Tensor) -> str:
     once, not per process.
     """
     facts = {
-        "weights": weights, "shape": list(_check_input(batch[:1]).shape),
+        "weights": weights, "shape": [1, batch.shape[1], CHECK_SIDE, CHECK_SIDE],  # what _check_input gives
         "cpu": _cpu_name(), "cores": os.cpu_count(),
         "versions": {m: _version(m) for m in ("torch", *_MODULES.values())}, "min_agreement": MIN_AGREEMENT,
         "runtimes": available_runtimes(),  # also retires checks made when "openvino" could mean bf16
