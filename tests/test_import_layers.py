@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_espnet"
 LAYERS: dict[str, int] = {
     "__init__": 0, "__main__": 7, "errors": 0, "atomic_files": 0, "geometry": 0, "devices": 0, "heap": 0,
     "yaml_documents": 0,
-    "slides": 1, "tissue_detection": 1,
+    "slides": 1, "tissue_detection": 1, "stain": 1,
     "tiling": 2,
     "models": 3, "inference": 3,
     "segmentation": 4,

@@ -296,3 +296,97 @@ def test_real_bad_files_as_init_or_image_are_refused_cleanly(
     assert not out.exists()  # refused before the run folder was made
     assert main(["predict", str(bad / "malformed-wsi.dcm"), "--out", str(tmp_path / "p")]) == 2
     assert "is not an image file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def breast_image(shared_data: Path) -> torch.Tensor:
+    """A real 256 x 256 crop of a BCSS region at 1 um/px, (3, H, W) float32 on the 0-255 scale."""
+    from wsi_espnet.datasets.samples import list_samples, load_sample
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WSI_ESPNET_TEST_DATA", str(shared_data))
+        manifest = load_manifest(BREAST)
+        image, _ = load_sample(manifest, list_samples(manifest, "val")[0])
+    return torch.from_numpy(image[:256, :256].transpose(2, 0, 1).copy()).float()
+
+
+def _laplacian_energy(image: torch.Tensor) -> float:
+    grey = image.mean(0)
+    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return float((lap**2).mean())
+
+
+def test_scanner_and_stain_augmentations_change_images_as_they_say(breast_image: torch.Tensor):
+    from monai.data import MetaTensor
+
+    from wsi_espnet.training.transforms import RandBlurd, RandColourJitterd, RandHedJitterd, RandJpegd
+
+    image = MetaTensor(breast_image.clone())
+    transforms = {
+        "hed": RandHedJitterd(prob=1.0, sigma=0.2, bias=0.05),
+        "colour": RandColourJitterd(prob=1.0, brightness=0.25, contrast=0.25, saturation=0.25),
+        "blur": RandBlurd(prob=1.0, sigma=(1.0, 1.5)),
+        "jpeg": RandJpegd(prob=1.0, quality=(20, 30)),
+    }
+    outputs = {}
+    for name, transform in transforms.items():
+        transform.set_random_state(seed=3)
+        out = transform({"image": image})["image"]
+        assert isinstance(out, MetaTensor), name  # MONAI's collation needs one tensor type throughout
+        assert out.shape == image.shape, name
+        assert out.dtype == torch.float32, name
+        assert float(out.min()) >= 0, name
+        assert float(out.max()) <= 255, name
+        assert float((out - image).abs().mean()) > 0.5, name
+        transform.set_random_state(seed=3)
+        assert torch.equal(transform({"image": image})["image"], out), name  # seeded: reproducible
+        outputs[name] = out
+    assert _laplacian_energy(outputs["blur"]) < 0.5 * _laplacian_energy(image)  # blur removes fine detail
+    assert torch.corrcoef(torch.stack([outputs["jpeg"].ravel(), image.ravel()]))[0, 1] > 0.9  # same picture
+    # No jitter is no change (up to the OD round trip).
+    still = RandHedJitterd(prob=1.0, sigma=0.0, bias=0.0)({"image": image})["image"]
+    assert float((still - image).abs().max()) < 1e-3
+
+
+def test_augmentation_and_stain_recipe_settings_are_checked():
+    strong = load_recipe(Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
+                         / "breast-tumour-strong-augmentation.yaml")  # fmt: skip
+    augmentation = strong.augmentation()
+    assert (augmentation.hed_sigma, augmentation.blur_sigma, augmentation.jpeg_quality) == (0.2, (0.3, 1.5), (40, 95))
+    assert len(augmentation.transforms()) == 4
+    assert TINY.augmentation().transforms()[0].sigma == 0.05  # the default: the original HED jitter alone
+    assert len(TINY.augmentation().transforms()) == 1
+    for change, message in [
+        ({"jpeg_quality": [0, 120]}, "jpeg_quality"),
+        ({"jpeg_quality": [50.5, 90]}, "whole numbers"),
+        ({"blur_sigma": [-1, 2]}, "blur_sigma"),
+        ({"colour_jitter": [0.2, 1.5, 0.1]}, "colour_jitter"),
+        ({"stain_jitter": [0.1]}, "stain_jitter"),
+        ({"stain_normalisation": "reinhard"}, "stain_normalisation"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TINY.replace(**change)
+
+
+def test_a_histology_model_stores_its_training_stain(two_stage_run: Path):
+    from wsi_espnet.stain import stain_distance
+
+    _, config = load_model(two_stage_run / "model.safetensors")
+    reference = config.stain_reference
+    assert reference is not None
+    assert reference.normalise is False
+    assert reference.stains[0][0] > reference.stains[1][0]  # haematoxylin, then eosin
+    assert stain_distance(reference.estimate(), reference) == 0.0
+
+
+def test_a_macenko_run_trains_and_evaluates_on_normalised_images(tmp_path: Path):
+    out = tmp_path / "macenko"
+    _run(out, TINY.replace(decoder_epochs=1, stain_normalisation="macenko"))
+    model, config = load_model(out / "model.safetensors")
+    assert config.stain_reference is not None
+    assert config.stain_reference.normalise
+    manifest = load_manifest(BREAST)
+    normalised = evaluate_split(model, config, manifest, "test").matrix
+    plain = evaluate_split(model, config.replace(stain_reference=None), manifest, "test").matrix
+    assert normalised.sum() == plain.sum()  # the same labelled pixels
+    assert not np.array_equal(normalised, plain)  # but seen in other colours

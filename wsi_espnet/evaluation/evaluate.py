@@ -16,11 +16,13 @@ from torch import nn
 
 from wsi_espnet.datasets.manifest import DatasetManifest
 from wsi_espnet.datasets.samples import list_samples, load_sample
+from wsi_espnet.datasets.stains import estimate_source_stains
 from wsi_espnet.errors import InputError
 from wsi_espnet.evaluation.confusion import ConfusionMatrix
 from wsi_espnet.evaluation.report import render_confusion_png, write_metrics_json
 from wsi_espnet.inference.predict import predict_logits, preprocess
 from wsi_espnet.models.config import ModelConfig
+from wsi_espnet.stain import normalise_stains
 
 __all__ = ["evaluate_split", "write_evaluation"]
 
@@ -28,7 +30,11 @@ __all__ = ["evaluate_split", "write_evaluation"]
 def evaluate_split(
     model: nn.Module, config: ModelConfig, manifest: DatasetManifest, split: str, *, progress: bool = False
 ) -> ConfusionMatrix:
-    """Accumulate the confusion matrix of ``model`` over every image of ``split``."""
+    """Accumulate the confusion matrix of ``model`` over every image of ``split``.
+
+    A model trained on stain-normalised images (``config.stain_reference.normalise``) sees each source's
+    images normalised to its reference, each source's stain estimated over its images in ``split``.
+    """
     if config.num_classes < manifest.num_classes:
         raise InputError(
             f"model {config.name!r} has {config.num_classes} classes but manifest {manifest.name!r} has "
@@ -44,8 +50,18 @@ def evaluate_split(
         from tqdm import tqdm
 
         iterator = tqdm(samples, desc=f"evaluate {split}", unit="image", leave=False)
+    reference = config.stain_reference
+    stains = (
+        estimate_source_stains(manifest, samples, target_mpp=target_mpp)
+        if reference is not None and reference.normalise
+        else {}
+    )
     for sample in iterator:
         image, labels = load_sample(manifest, sample, target_mpp=target_mpp)
+        source_stain = stains.get(sample.source.name)
+        if reference is not None and source_stain is not None:
+            # Each source's stain onto the model's, as the model was trained (a source stands for a slide).
+            image = normalise_stains(image, source_stain, reference)
         logits = predict_logits(model, preprocess(image, config.preprocessing))
         confusion.update(logits.argmax(1)[0], torch.from_numpy(labels.copy()).to(logits.device))
     return confusion

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from wsi_espnet.errors import ConfigError
+from wsi_espnet.stain import StainReference
 
 __all__ = [
     "BlockType",
@@ -115,6 +116,8 @@ class ModelConfig:
     ignore_index : the class id that means "not labelled", if the model has one.
     preprocessing : input normalisation, see :class:`Preprocessing`.
     target_mpp : micrometres per pixel the model expects (histology models), else None.
+    stain_reference : the H&E stain of the training data (histology models trained by ``train``), which
+        ``segment`` measures each slide against and, where the model asks, normalises it to; else None.
     description : one line for ``wsi-espnet models``.
     """
 
@@ -133,6 +136,7 @@ class ModelConfig:
     ignore_index: int | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     target_mpp: float | None = None
+    stain_reference: StainReference | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -212,6 +216,8 @@ class ModelConfig:
                 if key in prep:
                     prep[key] = tuple(prep[key])
             data["preprocessing"] = Preprocessing(**prep)
+            if data.get("stain_reference") is not None:
+                data["stain_reference"] = StainReference(**data["stain_reference"])
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"model config is malformed: {exc}.") from exc

@@ -12,11 +12,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
 
 from wsi_espnet.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from wsi_espnet.training.transforms import Augmentation
 
 __all__ = ["RECIPE_DIR", "Stage", "TrainingRecipe", "load_recipe"]
 
@@ -80,6 +83,11 @@ class TrainingRecipe:
     num_workers: int = 0
     cache_rate: float = 1.0
     seed: int = 0
+    stain_jitter: tuple[float, float] = (0.05, 0.02)
+    colour_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    blur_sigma: tuple[float, float] | None = None
+    jpeg_quality: tuple[int, int] | None = None
+    stain_normalisation: Literal["none", "macenko"] = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -131,6 +139,44 @@ class TrainingRecipe:
             raise ConfigError(f"class_weighting={self.class_weighting!r} must be 'paper' or 'none'.")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} must be >= 0.")
+        if self.stain_normalisation not in ("none", "macenko"):
+            raise ConfigError(f"stain_normalisation={self.stain_normalisation!r} must be 'none' or 'macenko'.")
+        self._check_augmentation()
+
+    def _check_augmentation(self) -> None:
+        object.__setattr__(self, "stain_jitter", tuple(float(v) for v in self.stain_jitter))
+        object.__setattr__(self, "colour_jitter", tuple(float(v) for v in self.colour_jitter))
+        if len(self.stain_jitter) != 2 or not all(0 <= v < 1 for v in self.stain_jitter):
+            raise ConfigError(f"stain_jitter={list(self.stain_jitter)} must be [sigma, bias], each in [0, 1).")
+        if len(self.colour_jitter) != 3 or not all(0 <= v < 1 for v in self.colour_jitter):
+            raise ConfigError(
+                f"colour_jitter={list(self.colour_jitter)} must be [brightness, contrast, saturation], each in [0, 1)."
+            )
+        if self.blur_sigma is not None:
+            object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
+            if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1] <= 10:
+                raise ConfigError(f"blur_sigma={list(self.blur_sigma)} must be [low, high] with 0 < low <= high <= 10.")
+        if self.jpeg_quality is not None:
+            object.__setattr__(self, "jpeg_quality", tuple(self.jpeg_quality))
+            if (
+                len(self.jpeg_quality) != 2
+                or not all(isinstance(v, int) for v in self.jpeg_quality)
+                or not (1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100)
+            ):
+                raise ConfigError(
+                    f"jpeg_quality={list(self.jpeg_quality)} must be [low, high] whole numbers, "
+                    "1 <= low <= high <= 100."
+                )
+
+    def augmentation(self) -> Augmentation:
+        """The histology augmentations these settings ask for."""
+        from wsi_espnet.training.transforms import Augmentation  # torch and MONAI only when training
+
+        return Augmentation(
+            hed_sigma=self.stain_jitter[0], hed_bias=self.stain_jitter[1], brightness=self.colour_jitter[0],
+            contrast=self.colour_jitter[1], saturation=self.colour_jitter[2], blur_sigma=self.blur_sigma,
+            jpeg_quality=self.jpeg_quality,
+        )  # fmt: skip
 
     def epochs(self, stage: Stage) -> int:
         return self.encoder_epochs if stage == "encoder" else self.decoder_epochs
@@ -189,6 +235,17 @@ def _coerce(key: str, value: Any) -> Any:
         ):
             raise ConfigError(f"crop_size={value!r} must be [height, width] in pixels.")
         return values
+    if key in ("stain_jitter", "colour_jitter", "blur_sigma", "jpeg_quality"):
+        if not isinstance(value, list | tuple) or any(isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}={value!r} must be a list of numbers.")
+        if key == "jpeg_quality":
+            if not all(isinstance(v, int) for v in value):
+                raise ConfigError(f"jpeg_quality={value!r} must be whole numbers.")
+            return list(value)
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be a list of numbers.") from None
     if key == "scale_range":
         if not isinstance(value, list | tuple):
             raise ConfigError(f"scale_range={value!r} must be [low, high].")

@@ -37,6 +37,7 @@ from wsi_espnet import __version__
 from wsi_espnet.atomic_files import replacing
 from wsi_espnet.datasets.manifest import DatasetManifest, load_manifest
 from wsi_espnet.datasets.samples import Sample, list_samples, load_sample
+from wsi_espnet.datasets.stains import estimate_source_stains, pooled_stain
 from wsi_espnet.devices import resolve
 from wsi_espnet.errors import CheckpointError, ConfigError, InputError, WsiEspnetError
 from wsi_espnet.evaluation.evaluate import evaluate_split, write_evaluation
@@ -44,6 +45,7 @@ from wsi_espnet.models.checkpoint_io import file_sha256, load_model
 from wsi_espnet.models.config import ModelConfig, Preprocessing
 from wsi_espnet.models.espnet import build_espnet
 from wsi_espnet.models.registry import get_model_config, resolve_model_path
+from wsi_espnet.stain import StainEstimate, StainReference
 from wsi_espnet.training.engine import PrepareBatch, SegmentationLoss, build_stage_engines, latest_state_file
 from wsi_espnet.training.model_card import write_model_card
 from wsi_espnet.training.recipe import Stage, TrainingRecipe
@@ -189,6 +191,37 @@ def _fits_on_device(manifest: DatasetManifest, samples: list[Sample], device: to
     return bool(estimate < free / 2)
 
 
+def _stain_reference(
+    manifest: DatasetManifest, recipe: TrainingRecipe, train_samples: list[Any], val_samples: list[Any]
+) -> tuple[StainReference | None, dict[str, StainEstimate | None] | None, dict[str, StainEstimate | None] | None]:
+    """The training split's stain (histology), and each source's stain where the recipe normalises to it."""
+    normalise = recipe.stain_normalisation == "macenko"
+    if manifest.kind != "histology":
+        if normalise:
+            raise ConfigError(
+                f"stain_normalisation=macenko needs a histology manifest; {str(manifest.path)!r} is "
+                f"kind {manifest.kind!r}. Use stain_normalisation: none."
+            )
+        return None, None, None
+    with _user_errors():
+        pooled = pooled_stain(manifest, train_samples)
+        if pooled is None:
+            if normalise:
+                raise InputError(
+                    f"the train split of {str(manifest.path)!r} has too few stained pixels to estimate its stain; "
+                    "stain_normalisation=macenko needs H&E images (use stain_normalisation: none)."
+                )
+            return None, None, None
+        reference = StainReference.of(pooled, normalise=normalise)
+        if not normalise:
+            return reference, None, None
+        return (
+            reference,
+            estimate_source_stains(manifest, train_samples),
+            estimate_source_stains(manifest, val_samples),
+        )
+
+
 def _statistics(
     manifest: DatasetManifest, samples: list[Any], out: Path, log: Callable[[str], None]
 ) -> DatasetStatistics:
@@ -259,6 +292,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
     )
     channels_last = _switch(recipe.channels_last, device)
     amp = _switch(recipe.amp, device)
+    stain_reference, train_stains, val_stains = _stain_reference(manifest, recipe, train_samples, val_samples)
     set_determinism(seed=recipe.seed)
     with _user_errors():
         train_ds = CacheDataset(
@@ -269,13 +303,16 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
                 scale_range=recipe.scale_range,
                 ignore_index=ignore,
                 device=device if cache_on_device else None,
+                augmentation=recipe.augmentation(),
+                stains=train_stains,
+                reference=stain_reference if train_stains else None,
             ),
             cache_rate=recipe.cache_rate,
             progress=False,
         )
         val_ds = CacheDataset(
             [{"sample": s} for s in val_samples],
-            transform=eval_transforms(manifest),
+            transform=eval_transforms(manifest, stains=val_stains, reference=stain_reference if val_stains else None),
             cache_rate=recipe.cache_rate,
             progress=False,
         )
@@ -341,6 +378,7 @@ def train(options: TrainOptions, *, log: Callable[[str], None] = print) -> Train
             class_colors=manifest.class_colors,
             preprocessing=preprocessing,
             target_mpp=manifest.target_mpp,
+            stain_reference=stain_reference,
             description=f"ESPNet trained on {manifest.name} ({', '.join(manifest.class_names)})",
         )
         if (folder / "done.json").is_file():
