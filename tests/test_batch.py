@@ -102,6 +102,8 @@ def test_a_cohort_runs_with_its_damaged_slides_reported_failed(cohort_job, refer
             float(row["tissue_area_mm2"])
         )
         assert Path(row["output_provenance"]).is_file()
+        assert 0 <= float(row["low_confidence_fraction"]) <= 1  # the street-scene model has no stain reference
+        assert row["stain_distance"] == ""
         assert labels_of(out / stem / f"{stem}.mask.zarr") == expected, stem
     assert by_name["tcga-cr-7395-01a-01-ts1"]["mpp_override"] == "0.5"
     assert by_name["CMU-1-Small-Region-dicom"]["case"] == "1"

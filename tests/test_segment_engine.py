@@ -104,6 +104,9 @@ def test_cancel_midway_then_resume_gives_identical_labels(cmu, espnet_checkpoint
     assert done < resumed.provenance["tiling"]["tiles_with_tissue"]
     # An uninterrupted run with the same options, shared with the other stop-and-resume tests.
     assert store.labels()[...].tobytes() == small_tiles_reference.tobytes()
+    # The confidence figure counts the resumed tiles too: one histogram entry per tissue pixel of the mask.
+    confidence = resumed.provenance["reliability"]["confidence"]
+    assert confidence["tissue_pixels"] == int(np.count_nonzero(small_tiles_reference))
 
 
 @pytest.mark.slow

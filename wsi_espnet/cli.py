@@ -140,6 +140,30 @@ def _segment_options(args: argparse.Namespace) -> SegmentOptions:
     )
 
 
+def _print_reliability(trust: dict[str, Any] | None) -> None:
+    """The confidence and stain lines of the summary (the warnings themselves were logged during the run)."""
+    if not trust:
+        return
+    confidence, stain = trust["confidence"], trust["stain"]
+    if confidence["low_confidence_fraction"] is not None:
+        flag = "  (!)" if confidence["low_confidence_fraction"] > confidence["warn_above"] else ""
+        print(
+            f"low confidence: {confidence['low_confidence_fraction']:.1%} of tissue has top-class probability "
+            f"< {confidence['low_below']:.2f} (warned above {confidence['warn_above']:.0%}){flag}"
+        )
+    if stain["distance"] is not None:
+        flag = "  (!)" if stain["distance"] > stain["warn_above"] else ""
+        normalised = "; slide normalised to it" if stain["normalised"] else ""
+        print(
+            f"stain distance from training data: {stain['distance']:.2f} in OD space "
+            f"(warned above {stain['warn_above']:.2f}){normalised}{flag}"
+        )
+    elif stain["slide"] is None:
+        print("stain distance: not measured (too little stained tissue for an estimate)")
+    else:
+        print("stain distance: not measured (the model stores no training stain)")
+
+
 def _print_summary(result: SegmentationResult, *, quiet: bool) -> None:
     record = result.provenance
     if quiet:
@@ -154,6 +178,7 @@ def _print_summary(result: SegmentationResult, *, quiet: bool) -> None:
         for entry in record["classes"][1:]:
             share = entry["fraction_of_tissue"]
             print(f"{entry['name']:<24} {entry['area_mm2']:>10.4f} {'' if share is None else f'{share:.1%}':>10}")
+        _print_reliability(record.get("reliability"))
         timings = record["timings_s"]
         print(
             f"time: {timings['total']:.1f} s total, {timings['inference']:.1f} s tiles "

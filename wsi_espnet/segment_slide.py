@@ -56,6 +56,7 @@ from wsi_espnet.segmentation import (
     run_lock,
     run_tiles,
 )
+from wsi_espnet.segmentation.reliability import reliability, slide_stain_transform
 from wsi_espnet.slides import open_slide
 from wsi_espnet.tissue_detection import TissueOptions
 
@@ -260,6 +261,14 @@ def segment_slide(
         t0 = time.perf_counter()
         plan = planned(tissue=options.tissue)
         timings["tissue_detection"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stain_normalisation = slide_stain_transform(plan, config)
+        if config.stain_reference is not None and config.stain_reference.normalise and stain_normalisation is None:
+            log.warning(
+                "%s: too little stained tissue to estimate the slide's stain; it is not normalised, although "
+                "model %s was trained on stain-normalised images.", name, config.name,
+            )  # fmt: skip
+        timings["stain"] = time.perf_counter() - t0
         report("planning", 1)
         try:
             if not resumed:
@@ -290,6 +299,7 @@ def segment_slide(
             options.precision,
             channels_last=True,
             runtime=options.runtime,
+            stain_transform=stain_normalisation,
         )
         t0 = time.perf_counter()
         try:
@@ -321,6 +331,9 @@ def segment_slide(
         except OSError as exc:
             raise _disk_error(exc, out_dir) from exc
         timings["outputs"] = time.perf_counter() - t0
+        trust = reliability(plan, config, store.confidence_histogram())
+        for warning in trust.warnings:
+            log.warning("%s: %s.", name, warning)
         checksum_thread.join()
         timings["total"] = time.perf_counter() - started
 
@@ -335,6 +348,7 @@ def segment_slide(
                 "runtime": list(stats.runtimes) or [options.runtime], "runtime_requested": options.runtime,
                 "runtime_agreement": stats.runtime_agreement, "runtime_checks": list(stats.runtime_checks),
             },
+            reliability=trust.record,
         )  # fmt: skip
         if previous_record is not None:
             # The original record describes how the mask was made; only the list of outputs grows.

@@ -23,6 +23,7 @@ _OUTPUT_COLUMNS = ("ome-zarr", "ome-tiff", "geojson", "provenance")
 #: Report columns; cohort metadata may not reuse these names.
 FIXED_COLUMNS = (
     "slide", "name", "status", "reason", "seconds", "attempts", "mpp_override", "effective_mpp", "tissue_area_mm2",
+    "low_confidence_fraction", "stain_distance", "warnings",
     *(f"output_{name.replace('-', '_')}" for name in _OUTPUT_COLUMNS), "log",
 )  # fmt: skip
 
@@ -56,7 +57,8 @@ class SlideOutcome:
         return None if area is None else float(area)
 
     def row(self, class_names: tuple[str, ...], metadata_columns: tuple[str, ...]) -> dict[str, Any]:
-        """The report row: fixed columns, ``area_mm2:<class>`` per class, then the cohort's metadata."""
+        """The report row: fixed columns (with the slide's low-confidence tissue fraction, stain distance and
+        reliability warnings), ``area_mm2:<class>`` per class, then the cohort's metadata."""
         record = self.provenance or {}
         areas = self.class_areas_mm2
         row: dict[str, Any] = {
@@ -70,6 +72,10 @@ class SlideOutcome:
             "effective_mpp": record.get("resolution", {}).get("effective_mpp"),
             "tissue_area_mm2": self.tissue_area_mm2,
         }
+        trust = record.get("reliability") or {}
+        row["low_confidence_fraction"] = (trust.get("confidence") or {}).get("low_confidence_fraction")
+        row["stain_distance"] = (trust.get("stain") or {}).get("distance")
+        row["warnings"] = "; ".join(trust.get("warnings") or [])
         for name in _OUTPUT_COLUMNS:
             path = self.outputs.get(name)
             row[f"output_{name.replace('-', '_')}"] = None if path is None else str(path)

@@ -84,8 +84,10 @@ def provenance_record(
     timings: dict[str, float],
     outputs: dict[str, Path],
     command: list[str] | None = None,
+    reliability: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record written next to a mask: input, model, resolution, tiling, tissue, classes, timings."""
+    """The JSON record written next to a mask: input, model, resolution, tiling, tissue, classes, reliability
+    (confidence and stain figures, see :mod:`wsi_espnet.segmentation.reliability`), timings."""
     reader, choice, tissue = plan.reader, plan.choice, plan.tissue
     tissue_mm2 = sum(a for v, a in areas.items() if v != 0)
     return {
@@ -123,6 +125,7 @@ def provenance_record(
              "fraction_of_tissue": areas[c.value] / tissue_mm2 if tissue_mm2 and c.value else None}
             for c in classes
         ],
+        "reliability": reliability,
         "execution": {**execution, "model_forward_s": stats.model_seconds, "read_s": stats.read_seconds},
         "timings_s": timings,
         "versions": software_versions(),

@@ -6,6 +6,7 @@ Layout (OME-NGFF 0.5 on zarr v3)::
       labels/tissue_classes/0, 1, ...  the mask pyramid (uint8, dims y, x); level 0 written tile by tile
       labels/tissue/0, ...             the tissue mask (0/1) at the tissue detector's resolution
       wsi_espnet_progress              one uint8 per tile: 1 once the tile's labels are written
+      wsi_espnet_confidence            per tile, tissue pixels per top-class probability percent (0-100)
 
 A tile's progress flag is set only after its labels are stored, so after a crash every flagged tile
 is complete and every unflagged one is recomputed. ``status`` becomes ``"complete"`` only after the
@@ -31,11 +32,14 @@ from numpy.typing import NDArray
 
 from wsi_espnet.errors import InputError
 
-__all__ = ["CLASSES_LABEL", "TISSUE_LABEL", "LabelStore", "run_lock"]
+__all__ = ["CLASSES_LABEL", "CONFIDENCE_BINS", "TISSUE_LABEL", "LabelStore", "run_lock"]
 
 CLASSES_LABEL = "tissue_classes"
 TISSUE_LABEL = "tissue"
 PROGRESS = "wsi_espnet_progress"
+CONFIDENCE = "wsi_espnet_confidence"
+#: Confidence histograms count pixels per whole percent of top-class probability, 0 to 100.
+CONFIDENCE_BINS = 101
 _ATTRS = "wsi_espnet"
 
 
@@ -73,6 +77,10 @@ class LabelStore:
             "0", shape=shape, chunks=(chunk, chunk), dtype="uint8", fill_value=0, dimension_names=("y", "x")
         )
         root.create_array(PROGRESS, shape=tile_grid, chunks=(1, 1), dtype="uint8", fill_value=0, compressors=None)
+        root.create_array(
+            CONFIDENCE, shape=(*tile_grid, CONFIDENCE_BINS), chunks=(1, 1, CONFIDENCE_BINS), dtype="uint32",
+            fill_value=0,
+        )  # fmt: skip
         if path.exists():
             retired = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
             path.rename(retired)
@@ -125,10 +133,21 @@ class LabelStore:
         """Level ``level`` of the class mask pyramid."""
         return self._array("labels", CLASSES_LABEL, str(level), mode=mode)
 
-    def write_tile(self, row: int, col: int, top: int, left: int, labels: NDArray[np.uint8]) -> None:
-        """Store one tile's labels, then flag the tile done (in that order, for crash safety)."""
+    def write_tile(
+        self, row: int, col: int, top: int, left: int, labels: NDArray[np.uint8],
+        confidence: NDArray[np.integer[Any]] | None = None,
+    ) -> None:  # fmt: skip
+        """Store one tile's labels and its confidence histogram (tissue pixels per top-class probability
+        percent, :data:`CONFIDENCE_BINS` counts), then flag the tile done (in that order, for crash safety)."""
         self.labels(mode="r+")[top : top + labels.shape[0], left : left + labels.shape[1]] = labels
+        if confidence is not None:
+            self._array(CONFIDENCE, mode="r+")[row, col] = confidence.astype(np.uint32)
         self._array(PROGRESS, mode="r+")[row, col] = 1
+
+    def confidence_histogram(self) -> NDArray[np.int64]:
+        """Tissue pixels per top-class probability percent (0-100) over every stored tile, (101,) int64."""
+        histogram: NDArray[np.int64] = np.asarray(self._array(CONFIDENCE)[...], dtype=np.int64).sum(axis=(0, 1))
+        return histogram
 
     def done_tiles(self) -> NDArray[np.bool_]:
         """(tile rows, tile cols) bool: True for tiles whose labels are stored."""

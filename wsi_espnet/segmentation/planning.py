@@ -6,6 +6,7 @@ is small and picklable, so the same plan serves a local run, a cluster run and a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,11 +17,17 @@ from wsi_espnet.errors import InputError
 from wsi_espnet.geometry import Region
 from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.espnet import TOTAL_STRIDE
-from wsi_espnet.slides import LevelChoice, SlideReader, choose_level
+from wsi_espnet.slides import LevelChoice, SlideReader, choose_level, read_target_region
+from wsi_espnet.stain import StainEstimate, estimate_stains
 from wsi_espnet.tiling import Tile, TilePlan, plan_tiles
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions, detect_tissue
 
 __all__ = ["SlidePlan", "plan_slide", "sample_tissue", "tile_groups", "tiles_touching", "window_key"]
+
+#: A slide's stain is estimated from the centres (this many target pixels square) of at most this many
+#: tissue tiles spread over the slide: about 4 M pixels, read where and as the model reads them.
+STAIN_SAMPLE_TILES = 16
+STAIN_SAMPLE_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,22 @@ class SlidePlan:
         if self.tissue.method == "disabled":
             return [None] * len(tiles)
         return [self.tissue.window(self.choice.to_level0(t.region)) for t in tiles]
+
+    @functools.cached_property
+    def stain(self) -> StainEstimate | None:
+        """The slide's H&E stain (Macenko, :mod:`wsi_espnet.stain`) on the target grid, from the tissue of
+        up to :data:`STAIN_SAMPLE_TILES` tissue tiles evenly spread over the slide (computed once per plan);
+        None when the tissue holds too few stained pixels."""
+        tiles = list(self.tissue_tiles[:: max(1, len(self.tissue_tiles) // STAIN_SAMPLE_TILES)][:STAIN_SAMPLE_TILES])
+        pixels = [np.zeros((0, 3), dtype=np.uint8)]
+        for tile, mask in zip(tiles, self.tissue_masks(tiles), strict=True):
+            height, width = min(STAIN_SAMPLE_SIDE, tile.height), min(STAIN_SAMPLE_SIDE, tile.width)
+            top, left = (tile.height - height) // 2, (tile.width - width) // 2
+            crop = read_target_region(self.reader, self.choice, Region(tile.top + top, tile.left + left, height, width))
+            if mask is not None:
+                crop = crop[mask[top : top + height, left : left + width]]
+            pixels.append(crop.reshape(-1, 3))
+        return estimate_stains(np.concatenate(pixels))
 
 
 def sample_tissue(

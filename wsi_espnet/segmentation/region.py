@@ -22,6 +22,7 @@ from wsi_espnet.models.config import ModelConfig
 from wsi_espnet.models.receptive_field import HALO_SOURCE, cached_halo_for
 from wsi_espnet.segmentation.planning import SlidePlan, plan_slide, tile_groups, tiles_touching
 from wsi_espnet.segmentation.progress import ProgressCallback, ProgressEvent, check_cancelled
+from wsi_espnet.segmentation.reliability import slide_stain_transform
 from wsi_espnet.segmentation.tile_inference import InferenceSettings, label_tiles
 from wsi_espnet.slides import SlideReader
 from wsi_espnet.tissue_detection import TissueMask, TissueOptions
@@ -101,11 +102,13 @@ def segment_region(
     top, left = int(target.top), int(target.left)
     labels = np.zeros(target.shape, dtype=np.uint8)
     device = str(next(model.parameters()).device)
-    settings = InferenceSettings(None, "in-memory", device, precision, channels_last=True)
+    settings = InferenceSettings(
+        None, "in-memory", device, precision, channels_last=True, stain_transform=slide_stain_transform(plan, config)
+    )
     done = 0
     for group in groups:
         check_cancelled(cancel, reader.path.name)
-        values, _ = label_tiles(reader, plan.choice, group, plan.tissue_masks(group), model, config, settings)
+        values, _, _ = label_tiles(reader, plan.choice, group, plan.tissue_masks(group), model, config, settings)
         for tile, tile_labels in zip(group, values, strict=True):
             overlap = _overlap(tile.region, target)
             if overlap is None:

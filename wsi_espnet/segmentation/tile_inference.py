@@ -30,10 +30,11 @@ from wsi_espnet.inference.predict import class_labels, padded_forward, preproces
 from wsi_espnet.inference.runtimes import RuntimeChoice, model_runtime
 from wsi_espnet.models.checkpoint_io import load_model, load_model_bytes
 from wsi_espnet.models.config import ModelConfig
-from wsi_espnet.segmentation.label_store import LabelStore
+from wsi_espnet.segmentation.label_store import CONFIDENCE_BINS, LabelStore
 from wsi_espnet.segmentation.label_values import NO_TISSUE
 from wsi_espnet.segmentation.planning import sample_tissue, window_key
 from wsi_espnet.slides import LevelChoice, SlideReader, read_target_region
+from wsi_espnet.stain import apply_stain_transform
 from wsi_espnet.tiling import Tile
 from wsi_espnet.tissue_detection import TissueMask
 
@@ -42,6 +43,7 @@ __all__ = [
     "TileGroupResult",
     "cached_model",
     "infer_windows",
+    "infer_windows_with_confidence",
     "label_tiles",
     "read_window",
     "runtime_choice",
@@ -79,6 +81,8 @@ class InferenceSettings:
     channels_last : run convolutions in NHWC memory layout (faster on CPU and on tensor cores).
     runtime : "auto", "torch", "openvino" or "onnx" (see :mod:`wsi_espnet.inference.runtimes`; "auto"
         is resolved on the worker, by a check on its first window).
+    stain_transform : the slide's (3, 3) OD-space stain normalisation (:func:`~wsi_espnet.stain.stain_transform`)
+        applied to every window before the model, for models trained on normalised images; None: none.
     """
 
     model_path: str | None
@@ -87,6 +91,7 @@ class InferenceSettings:
     precision: str = "fp32"
     channels_last: bool = True
     runtime: str = "auto"
+    stain_transform: tuple[tuple[float, float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,21 @@ def infer_windows(
     The forward pass runs on the settings' runtime (cached with the model object; see
     :func:`~wsi_espnet.inference.runtimes.model_runtime`).
     """
+    return infer_windows_with_confidence(model, config, windows, settings, confidence=False)[0]
+
+
+def infer_windows_with_confidence(
+    model: nn.Module,
+    config: ModelConfig,
+    windows: Sequence[NDArray[np.uint8]],
+    settings: InferenceSettings,
+    *,
+    confidence: bool = True,
+) -> tuple[list[NDArray[np.uint8]], list[NDArray[np.uint8]]]:
+    """:func:`infer_windows`, and each window's top-class probability in whole percent ``(h, w)`` uint8
+    (0-100, rounded down; an empty list when ``confidence`` is False)."""
     results: list[NDArray[np.uint8] | None] = [None] * len(windows)
+    percents: list[NDArray[np.uint8] | None] = [None] * len(windows)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, window in enumerate(windows):
         by_shape.setdefault(window.shape, []).append(index)
@@ -143,10 +162,17 @@ def infer_windows(
     for indices in by_shape.values():
         batch = torch.cat([preprocess(windows[i], config.preprocessing) for i in indices])
         with torch.inference_mode():
-            labels = class_labels(padded_forward(runtime.logits, batch)).to(torch.uint8).cpu().numpy()
+            logits = padded_forward(runtime.logits, batch)
+            labels = class_labels(logits).to(torch.uint8).cpu().numpy()
+            if confidence:
+                top = logits.float().softmax(1).amax(1).mul_(100).floor_().clamp_(0, 100)
+                top_percent = top.to(torch.uint8).cpu().numpy()
+            del logits
         for position, index in enumerate(indices):
             results[index] = labels[position]
-    return [r for r in results if r is not None]
+            if confidence:
+                percents[index] = top_percent[position]
+    return [r for r in results if r is not None], [p for p in percents if p is not None]
 
 
 def runtime_choice(model: nn.Module, settings: InferenceSettings) -> RuntimeChoice | None:
@@ -186,8 +212,9 @@ def label_tiles(
     model: nn.Module,
     config: ModelConfig,
     settings: InferenceSettings,
-) -> tuple[list[NDArray[np.uint8]], TileGroupResult]:
-    """Mask values ``tile.region.shape`` uint8 for each tile: ``class + 1``, and 0 where there is no tissue.
+) -> tuple[list[NDArray[np.uint8]], list[NDArray[np.int64]], TileGroupResult]:
+    """Mask values ``tile.region.shape`` uint8 for each tile: ``class + 1``, and 0 where there is no tissue;
+    and each tile's confidence histogram: tissue pixels per top-class probability percent, (101,) int64.
 
     ``tissue[i]`` is tile i's tissue mask on the target grid (None: all tissue). Tiles sharing a
     window run it once; the windows run as one batch on the process's model thread.
@@ -195,26 +222,33 @@ def label_tiles(
     start = time.perf_counter()
     unique = {window_key(t): t for t in tiles}
     windows = [read_window(reader, choice, t) for t in unique.values()]
+    if settings.stain_transform is not None:
+        transform = np.asarray(settings.stain_transform, dtype=np.float32)
+        windows = [apply_stain_transform(w, transform) for w in windows]
     read_seconds = time.perf_counter() - start
 
-    def run_model() -> tuple[list[NDArray[np.uint8]], float]:
+    def run_model() -> tuple[tuple[list[NDArray[np.uint8]], list[NDArray[np.uint8]]], float]:
         began = time.perf_counter()
-        return infer_windows(model, config, windows, settings), time.perf_counter() - began
+        return infer_windows_with_confidence(model, config, windows, settings), time.perf_counter() - began
 
-    labels_per_window, model_seconds = _model_thread().submit(run_model).result()
+    (labels_per_window, percent_per_window), model_seconds = _model_thread().submit(run_model).result()
     predictions = dict(zip(unique, labels_per_window, strict=True))
-    values = []
+    percents = dict(zip(unique, percent_per_window, strict=True))
+    values, histograms = [], []
     for tile, mask in zip(tiles, tissue, strict=True):
         labels = predictions[window_key(tile)][tile.crop] + np.uint8(1)
+        percent = percents[window_key(tile)][tile.crop]
         if mask is not None:
             labels[~mask] = NO_TISSUE
+            percent = percent[mask]
         values.append(labels)
+        histograms.append(np.bincount(percent.ravel(), minlength=CONFIDENCE_BINS).astype(np.int64))
     placement = resolve(settings.device, settings.precision)
     stats = TileGroupResult(
         tuple((t.row, t.col) for t in tiles), len(windows), placement.device, placement.precision, model_seconds,
         read_seconds, runtime_choice(model, settings),
     )  # fmt: skip
-    return values, stats
+    return values, histograms, stats
 
 
 def segment_tile_group(
@@ -234,8 +268,8 @@ def segment_tile_group(
     """
     model, config = cached_model(settings, weights)
     masks = sample_tissue(choice, tiles, tissue)
-    values, stats = label_tiles(reader, choice, tiles, masks, model, config, settings)
+    values, histograms, stats = label_tiles(reader, choice, tiles, masks, model, config, settings)
     store = LabelStore(store_path)
-    for tile, labels in zip(tiles, values, strict=True):
-        store.write_tile(tile.row, tile.col, tile.top, tile.left, labels)
+    for tile, labels, histogram in zip(tiles, values, histograms, strict=True):
+        store.write_tile(tile.row, tile.col, tile.top, tile.left, labels, histogram)
     return stats
