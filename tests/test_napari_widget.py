@@ -185,6 +185,10 @@ def test_a_whole_slide_run_cancelled_midway_resumes_to_the_fresh_result(qtbot, v
     layer = widget.results["slide"]
     provenance = json.loads((tmp_path / "CMU-1-Small-Region.provenance.json").read_text())
     assert 0 < provenance["tiling"]["tiles_resumed"] < provenance["tiling"]["tiles_with_tissue"]
+    # The run's reliability warnings (the street-scene model is unsure on tissue) are shown with the result.
+    assert widget.status_label.text().startswith(f"done: {layer.name}")
+    for warning in provenance["reliability"]["warnings"]:
+        assert f"warning: {warning}." in widget.status_label.text()
     assert layer.multiscale
     assert layer.metadata["wsi_espnet"]["path"] == str(store)
     assert read_label_pyramid(store).complete

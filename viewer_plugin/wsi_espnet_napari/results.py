@@ -120,7 +120,8 @@ def segment_whole_slide(
     cancel: threading.Event | None = None,
 ) -> LayerData:
     """Segment the whole slide to disk as ``wsi-espnet segment`` does (into ``out_dir``, default beside
-    the slide; resumed when interrupted) and return its ``.mask.zarr`` as a multiscale Labels layer."""
+    the slide; resumed when interrupted) and return its ``.mask.zarr`` as a multiscale Labels layer (its
+    metadata carries the run's class areas and reliability warnings)."""
     options = SegmentOptions(
         out_dir=None if out_dir is None else Path(out_dir), formats=formats, target_mpp=settings.target_mpp,
         tile_size=settings.tile_size, overwrite=overwrite,
@@ -129,7 +130,10 @@ def segment_whole_slide(
     data, kwargs, kind = labels_layer(result.outputs["ome-zarr"])
     classes = result.provenance.get("classes")
     areas = _recorded_areas(classes) if classes else None
-    kwargs["metadata"]["wsi_espnet"] |= {"run": "slide", "slide": str(Path(slide)), "areas_mm2": areas}
+    warnings = (result.provenance.get("reliability") or {}).get("warnings", [])
+    kwargs["metadata"]["wsi_espnet"] |= {
+        "run": "slide", "slide": str(Path(slide)), "areas_mm2": areas, "warnings": list(warnings),
+    }  # fmt: skip
     return data, kwargs, kind
 
 

@@ -373,7 +373,8 @@ class SegmentWidget(QWidget):
         self.results[kind] = layer
         self.viewer.layers.selection.active = layer
         self._show(layer)
-        self.status_label.setText(f"done: {layer.name}")
+        warnings = kwargs["metadata"]["wsi_espnet"].get("warnings") or []
+        self.status_label.setText(f"done: {layer.name}" + "".join(f"\nwarning: {w}." for w in warnings))
 
     # -- the result: legend, opacity, outlines, export ----------------------------------------------------
 
