@@ -31,7 +31,7 @@ __all__ = [
 #: A pixel is low-confidence when its top-class probability is below this.
 LOW_CONFIDENCE_BELOW = 0.75
 #: ``segment`` warns when more than this fraction of a slide's tissue is low-confidence.
-LOW_CONFIDENCE_WARN_FRACTION = 0.25
+LOW_CONFIDENCE_WARN_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
