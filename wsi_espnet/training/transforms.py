@@ -97,24 +97,23 @@ class LoadSampled(MapTransform):
         return out
 
 
-class RandHedJitterd(RandomizableTransform, MapTransform):
-    """Stain augmentation (Tellez et al. 2018): perturb each H&E channel's optical density.
+class _RandImaged(RandomizableTransform, MapTransform):
+    """A random change of the 0-255 ``(3, H, W)`` image, on its device: :meth:`draw` picks the parameters
+    (after the coin flip for ``prob``), :meth:`apply` changes one image; MONAI's MetaTensor is kept."""
 
-    ``od' = od * (1 + U(-sigma, sigma)) + U(-bias, bias)`` per stain, in the HED space of Ruifrok
-    and Johnston's colour deconvolution; works on the 0-255 ``(3, H, W)`` image, on its device.
-    """
-
-    def __init__(self, keys: str = "image", *, prob: float = 0.8, sigma: float = 0.05, bias: float = 0.02) -> None:
+    def __init__(self, keys: str, prob: float) -> None:
         MapTransform.__init__(self, keys=[keys])
         RandomizableTransform.__init__(self, prob=prob)
-        self.sigma, self.bias = sigma, bias
-        self._alpha = np.ones(3)
-        self._beta = np.zeros(3)
 
     def randomize(self, data: Any = None) -> None:
         super().randomize(None)
-        self._alpha = self.R.uniform(1 - self.sigma, 1 + self.sigma, 3)
-        self._beta = self.R.uniform(-self.bias, self.bias, 3)
+        self.draw()
+
+    def draw(self) -> None:
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
@@ -123,19 +122,40 @@ class RandHedJitterd(RandomizableTransform, MapTransform):
             return out
         for key in self.key_iterator(out):
             image = torch.as_tensor(out[key])
-            flat = image.float().reshape(3, -1)
-            od = -torch.log10((flat + 1.0) / 256.0)
-            hed = _HED_FROM_RGB.to(flat.device).T @ od
-            alpha = torch.as_tensor(self._alpha, dtype=torch.float32, device=flat.device)[:, None]
-            beta = torch.as_tensor(self._beta, dtype=torch.float32, device=flat.device)[:, None]
-            od = _RGB_FROM_HED.to(flat.device).T @ (hed * alpha + beta)
-            rgb = (256.0 * torch.pow(10.0, -od) - 1.0).clamp(0, 255)
-            out[key] = rgb.reshape(image.shape)
+            # The same tensor type throughout a batch: MONAI's collation needs every item a MetaTensor.
+            out[key] = convert_to_dst_type(self.apply(image.float()), image, dtype=torch.float32)[0]
         return out
 
 
-class RandColourJitterd(RandomizableTransform, MapTransform):
-    """Brightness, contrast and saturation jitter on the 0-255 ``(3, H, W)`` image.
+class RandHedJitterd(_RandImaged):
+    """Stain augmentation (Tellez et al. 2018): perturb each H&E channel's optical density.
+
+    ``od' = od * (1 + U(-sigma, sigma)) + U(-bias, bias)`` per stain, in the HED space of Ruifrok
+    and Johnston's colour deconvolution.
+    """
+
+    def __init__(self, keys: str = "image", *, prob: float = 0.8, sigma: float = 0.05, bias: float = 0.02) -> None:
+        super().__init__(keys, prob)
+        self.sigma, self.bias = sigma, bias
+        self._alpha = np.ones(3)
+        self._beta = np.zeros(3)
+
+    def draw(self) -> None:
+        self._alpha = self.R.uniform(1 - self.sigma, 1 + self.sigma, 3)
+        self._beta = self.R.uniform(-self.bias, self.bias, 3)
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        flat = image.reshape(3, -1)
+        od = -torch.log10((flat + 1.0) / 256.0)
+        hed = _HED_FROM_RGB.to(flat.device).T @ od
+        alpha = torch.as_tensor(self._alpha, dtype=torch.float32, device=flat.device)[:, None]
+        beta = torch.as_tensor(self._beta, dtype=torch.float32, device=flat.device)[:, None]
+        od = _RGB_FROM_HED.to(flat.device).T @ (hed * alpha + beta)
+        return (256.0 * torch.pow(10.0, -od) - 1.0).clamp(0, 255).reshape(image.shape)
+
+
+class RandColourJitterd(_RandImaged):
+    """Brightness, contrast and saturation jitter.
 
     Each factor is drawn from U(1 - x, 1 + x): brightness scales the image, contrast scales its
     distance from the image's mean grey, saturation its distance from each pixel's grey (ITU-R 601 luma).
@@ -145,90 +165,62 @@ class RandColourJitterd(RandomizableTransform, MapTransform):
         self, keys: str = "image", *, prob: float = 0.8, brightness: float = 0.0, contrast: float = 0.0,
         saturation: float = 0.0,
     ) -> None:  # fmt: skip
-        MapTransform.__init__(self, keys=[keys])
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, prob)
         self.ranges = (brightness, contrast, saturation)
         self._factors = np.ones(3)
 
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
+    def draw(self) -> None:
         self._factors = np.array([self.R.uniform(1 - x, 1 + x) for x in self.ranges])
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
         brightness, contrast, saturation = (float(f) for f in self._factors)
-        luma = torch.tensor([0.299, 0.587, 0.114])
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key]).float() * brightness
-            grey = torch.einsum("chw,c->hw", image, luma.to(image.device))
-            image = (image - grey.mean()) * contrast + grey.mean()
-            grey = torch.einsum("chw,c->hw", image, luma.to(image.device))
-            image = (image - grey) * saturation + grey
-            out[key] = convert_to_dst_type(image.clamp(0, 255), out[key], dtype=torch.float32)[0]
-        return out
+        luma = torch.tensor([0.299, 0.587, 0.114], device=image.device)
+        image = image * brightness
+        grey = torch.einsum("chw,c->hw", image, luma)
+        image = (image - grey.mean()) * contrast + grey.mean()
+        grey = torch.einsum("chw,c->hw", image, luma)
+        return ((image - grey) * saturation + grey).clamp(0, 255)
 
 
-class RandBlurd(RandomizableTransform, MapTransform):
-    """Gaussian blur with sigma ~ U(low, high) pixels (out-of-focus scanning), on the image's device."""
+class RandBlurd(_RandImaged):
+    """Gaussian blur with sigma ~ U(low, high) pixels (out-of-focus scanning)."""
 
     def __init__(self, keys: str = "image", *, prob: float = 0.3, sigma: tuple[float, float] = (0.5, 1.5)) -> None:
-        MapTransform.__init__(self, keys=[keys])
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, prob)
         self.sigma = sigma
         self._sigma = sigma[0]
 
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
+    def draw(self) -> None:
         self._sigma = float(self.R.uniform(*self.sigma))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
         radius = max(1, int(np.ceil(3 * self._sigma)))
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key]).float()
-            x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
-            kernel = torch.exp(-(x**2) / (2 * self._sigma**2))
-            kernel = (kernel / kernel.sum()).repeat(image.shape[0], 1)
-            blurred = torch.nn.functional.pad(image[None], (radius, radius, radius, radius), mode="reflect")
-            blurred = torch.nn.functional.conv2d(blurred, kernel[:, None, None, :], groups=image.shape[0])
-            blurred = torch.nn.functional.conv2d(blurred, kernel[:, None, :, None], groups=image.shape[0])
-            out[key] = convert_to_dst_type(blurred[0], image, dtype=torch.float32)[0]
-        return out
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+        kernel = torch.exp(-(x**2) / (2 * self._sigma**2))
+        kernel = (kernel / kernel.sum()).repeat(image.shape[0], 1)
+        blurred = torch.nn.functional.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+        blurred = torch.nn.functional.conv2d(blurred, kernel[:, None, None, :], groups=image.shape[0])
+        blurred = torch.nn.functional.conv2d(blurred, kernel[:, None, :, None], groups=image.shape[0])
+        return blurred[0]
 
 
-class RandJpegd(RandomizableTransform, MapTransform):
+class RandJpegd(_RandImaged):
     """JPEG re-compression at quality ~ U(low, high) (scanners store tiles as JPEG); through Pillow, on the CPU."""
 
     def __init__(self, keys: str = "image", *, prob: float = 0.3, quality: tuple[int, int] = (50, 95)) -> None:
-        MapTransform.__init__(self, keys=[keys])
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, prob)
         self.quality = quality
         self._quality = quality[1]
 
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
+    def draw(self) -> None:
         self._quality = int(self.R.randint(self.quality[0], self.quality[1] + 1))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key])
-            pixels = image.float().clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="JPEG", quality=self._quality)
-            decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-            jpeg = torch.from_numpy(decoded.transpose(2, 0, 1).copy()).to(image.device).float()
-            out[key] = convert_to_dst_type(jpeg, image, dtype=torch.float32)[0]  # keep MONAI's MetaTensor
-        return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        pixels = image.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=self._quality)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        return torch.from_numpy(decoded.transpose(2, 0, 1).copy()).to(image.device).float()
 
 
 @dataclass(frozen=True)
