@@ -455,6 +455,8 @@ def _run_key(slide: Path, model_sha: str, plan: SlidePlan, options: SegmentOptio
         "device": options.device,
         "precision": options.precision,
         "runtime": options.runtime,
+        # The store's layout: 2 adds the per-tile confidence histograms, so an older store is never resumed.
+        "store_layout": 2,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
