@@ -45,7 +45,7 @@ USER_DATASETS = {
     "annotated-slides-example.yaml": ("ANNOTATED_SLIDES_ROOT", ("train", "val"), 2),
 }
 #: Manifests of the shared test data, rooted at ``${WSI_ESPNET_TEST_DATA:-../../shared/data}``.
-SHARED_DATASETS = ("bcss-224.yaml", "breast-tumour.yaml", "camvid.yaml")
+SHARED_DATASETS = ("bcss-224.yaml", "breast-tumour.yaml", "breast-tumour-all.yaml", "camvid.yaml")
 
 IGNORE = 255
 OTHER, TUMOUR = 0, 1  # breast-tumour's classes
@@ -1069,6 +1069,16 @@ FOLDS = sorted((MANIFESTS / "breast-tumour-folds").glob("held-out-*.yaml"))
 FOLD_NAMES = {
     "bcss-224": "held-out-bcss-224", "bcss-roi-binary": "held-out-bcss-regions", "camelyon-tiles": "held-out-camelyon",
 }  # fmt: skip
+
+
+def test_the_shipped_model_trains_on_every_source_and_validates_on_each(shared_data):
+    manifest = load_shipped("breast-tumour-all.yaml", shared_data)
+    assert manifest.class_names == load_shipped("breast-tumour.yaml", shared_data).class_names
+    train, val = list_samples(manifest, "train"), list_samples(manifest, "val")
+    sources = {"bcss-224", "bcss-roi-binary", "camelyon-tiles"}
+    assert {s.source.name for s in train} == {s.source.name for s in val} == sources
+    assert not {(s.source.name, s.name) for s in train} & {(s.source.name, s.name) for s in val}
+    assert "test" not in manifest.split_names  # the folds are its test
 
 
 def test_breast_folds_each_hold_out_one_whole_source(shared_data):
