@@ -26,6 +26,7 @@ from wsi_espnet.errors import ConfigError
 
 __all__ = [
     "MIN_STAIN_PIXELS",
+    "OD_THRESHOLD",
     "STAIN_WARN_DISTANCE",
     "StainEstimate",
     "StainReference",
@@ -37,6 +38,8 @@ __all__ = [
     "stain_transform",
 ]
 
+#: A pixel is stained when its OD is above this in every channel (Macenko's beta).
+OD_THRESHOLD = 0.15
 #: Fewer tissue pixels than this above the OD threshold give no estimate (the angles would be noise).
 MIN_STAIN_PIXELS = 2000
 #: ``segment`` warns above this distance; chosen on the breast-tumour folds (see the model card).
@@ -48,7 +51,7 @@ _OD_TABLE: NDArray[np.float32] = -np.log10((np.arange(256, dtype=np.float32) + 1
 
 def optical_density(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """``-log10((rgb + 1) / 256)`` per channel, float32, same shape (0 for white glass)."""
-    od: NDArray[np.float32] = -np.log10((rgb.astype(np.float32) + 1.0) / 256.0)
+    od: NDArray[np.float32] = _OD_TABLE[rgb]
     return od
 
 
@@ -122,7 +125,7 @@ def estimate_stains(
     rgb: NDArray[np.uint8],
     mask: NDArray[np.bool_] | None = None,
     *,
-    beta: float = 0.15,
+    beta: float = OD_THRESHOLD,
     alpha: float = 1.0,
     max_pixels: int = 1_000_000,
     seed: int = 0,

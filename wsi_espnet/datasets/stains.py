@@ -10,19 +10,18 @@ from numpy.typing import NDArray
 
 from wsi_espnet.datasets.manifest import DatasetManifest
 from wsi_espnet.datasets.samples import Sample, load_sample
-from wsi_espnet.stain import StainEstimate, estimate_stains, optical_density
+from wsi_espnet.stain import OD_THRESHOLD, StainEstimate, estimate_stains, optical_density
 
 __all__ = ["estimate_source_stains", "pooled_stain"]
 
 
 #: Stained pixels kept per image (a fixed-seed sample).
 _STAIN_PIXELS_PER_IMAGE = 200_000
-_BETA = 0.15
 
 
 def _stained_pixels(image: NDArray[np.uint8], rng: np.random.Generator) -> NDArray[np.uint8]:
     pixels = image.reshape(-1, 3)
-    pixels = pixels[(optical_density(pixels) > _BETA).all(axis=1)]
+    pixels = pixels[(optical_density(pixels) > OD_THRESHOLD).all(axis=1)]
     if len(pixels) > _STAIN_PIXELS_PER_IMAGE:
         pixels = pixels[rng.choice(len(pixels), _STAIN_PIXELS_PER_IMAGE, replace=False)]
     return pixels
